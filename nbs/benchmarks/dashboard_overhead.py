@@ -71,12 +71,13 @@ def main():
     print(f"device={a.device} torch threads={torch.get_num_threads()} steps={a.steps} repeats={a.repeats}")
     run("none", 5, a.device, data, out)  # warm-up: imports, allocator, kernels
     run("widget", 5, a.device, data, out)
-    times = dict(none=[], widget=[])
+    times, dash = dict(none=[], widget=[]), None
     for i in range(a.repeats):
         for arm in (("none", "widget") if i % 2 == 0 else ("widget", "none")):
-            s, dash = run(arm, a.steps, a.device, data, out)
+            s, d = run(arm, a.steps, a.device, data, out)
             times[arm].append(s)
-            extra = f"  redraws: text={dash.renders['text']} plot={dash.renders['plot']}" if dash else ""
+            dash = d or dash
+            extra = f"  redraws: text={d.renders['text']} plot={d.renders['plot']}" if d else ""
             print(f"repeat {i} {arm:>6}: {s:7.2f} s  ({a.steps / s:6.1f} steps/s){extra}", flush=True)
     med = {k: statistics.median(v) for k, v in times.items()}
     t = time.perf_counter(); dash._render(); png_s = time.perf_counter() - t
