@@ -1,0 +1,221 @@
+"""Run the walk-through notebook in a real JupyterLab + headless Chromium and check that the training dashboard renders.
+
+One command (from the repository root):
+
+    .venv/bin/python nbs/browser_check/run_browser_check.py [--out /tmp/lbft/browser/dashboard.png]
+
+Prerequisites (this script installs nothing):
+
+    apt-get install -y chromium            # Debian's browser, used as /usr/bin/chromium
+    .venv/bin/pip install jupyterlab playwright
+    # never `playwright install`: no browser download is needed or wanted
+
+What it does: copies the tutorial to a temporary folder (dropping the `#| eval: false` cells, as nbdev_test does),
+starts JupyterLab on 127.0.0.1 with a random token on a free port, opens the notebook in headless Chromium driven by
+Playwright, runs all cells, watches the live dashboard while training runs, waits for the notebook to finish, and
+asserts that the dashboard rendered: the live header showed the step and a loss, the final dashboard image is a real
+PNG of non-trivial size, and the summary shows the final step (N/N) and the final loss. Saves screenshots of the live
+and final dashboard, prints the asserted figures, and exits non-zero on any failure. Not part of CI (minutes on a CPU).
+"""
+import argparse, json, os, re, secrets, shutil, socket, subprocess, sys, tempfile, time, urllib.request
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+NOTEBOOK = REPO/"nbs"/"tutorials"/"complaints_walkthrough.ipynb"
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--headless", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+STEP_RE = re.compile(r"step (\d+)/(\d+)")
+LOSS_RE = re.compile(r"loss (\d+\.\d+)")
+
+
+class CheckFailed(Exception): pass
+
+
+def check(cond, msg):
+    "Raise `CheckFailed(msg)` unless `cond`."
+    if not cond: raise CheckFailed(msg)
+
+
+def prerequisites():
+    "Fail early, with the command to run, when chromium, jupyterlab or playwright is missing."
+    missing = []
+    if not Path(CHROMIUM).exists(): missing.append(f"{CHROMIUM} (apt-get install -y chromium)")
+    for mod in ("jupyterlab", "playwright", "ipywidgets"):
+        try: __import__(mod)
+        except ImportError: missing.append(f"python package {mod} ({sys.executable} -m pip install {mod})")
+    check(not missing, "missing prerequisites: " + "; ".join(missing))
+
+
+def free_port() -> int:
+    "A TCP port nobody listens on right now."
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def copy_notebook(src:Path, dest:Path) -> int:
+    "Copy `src` to `dest` without its `#| eval: false` cells and outputs, with the python3 kernel; returns the code cells."
+    nb = json.loads(src.read_text())
+    keep = []
+    for c in nb["cells"]:
+        text = "".join(c["source"]) if isinstance(c["source"], list) else c["source"]
+        if c["cell_type"] == "code" and re.search(r"^#\|\s*eval:\s*false", text, re.M): continue
+        if c["cell_type"] == "code": c["outputs"], c["execution_count"] = [], None
+        keep.append(c)
+    nb["cells"] = keep
+    nb.setdefault("metadata", {})["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    dest.write_text(json.dumps(nb, indent=1))
+    return sum(c["cell_type"] == "code" for c in keep)
+
+
+def start_lab(root:Path, port:int, token:str, log):
+    "Start JupyterLab on loopback (no browser, no news/update checks, windowing off so every cell is in the DOM)."
+    settings = root/".lab-settings"/"@jupyterlab"/"notebook-extension"
+    settings.mkdir(parents=True)
+    (settings/"tracker.jupyterlab-settings").write_text(json.dumps({"windowingMode": "none"}))
+    ann = root/".lab-settings"/"@jupyterlab"/"apputils-extension"
+    ann.mkdir(parents=True)
+    (ann/"notification.jupyterlab-settings").write_text(json.dumps({"fetchNews": "false", "checkForUpdates": False}))
+    cmd = [sys.executable, "-m", "jupyter", "lab", "--no-browser", "--ip=127.0.0.1", f"--port={port}",
+           f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={root}", "--LabApp.expose_app_in_browser=True",
+           f"--LabApp.user_settings_dir={root/'.lab-settings'}", f"--LabApp.workspaces_dir={root/'.lab-workspaces'}",
+           "--LabApp.news_url=None", "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate"]
+    if hasattr(os, "geteuid") and os.geteuid() == 0: cmd.append("--allow-root")  # containers often run as root
+    env = {**os.environ, "JUPYTER_CONFIG_DIR": str(root/".jupyter"), "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(cmd, cwd=root, stdout=log, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}/api/status?token={token}"
+    for _ in range(120):
+        check(proc.poll() is None, f"JupyterLab exited early (code {proc.returncode}); see its log")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200: return proc
+        except OSError: time.sleep(0.5)
+    raise CheckFailed("JupyterLab did not answer on 127.0.0.1 within 60 s")
+
+
+def dashboard_state(page) -> dict:
+    "What the page shows of the dashboard right now (live header, image sizes, final summary)."
+    return page.evaluate(r"""() => {
+      const cells = [...document.querySelectorAll('.jp-Notebook .jp-Cell')];
+      const header = [...document.querySelectorAll('.jp-OutputArea .widget-html')].map(e => e.innerText).find(t => /step \d+\/\d+/.test(t)) || null;
+      const dashCell = cells.findIndex(c => c.querySelector('.widget-vbox .widget-html') || /Training summary/.test(c.innerText));
+      let imgs = [], summary = null;
+      if (dashCell >= 0) {
+        const c = cells[dashCell];
+        imgs = [...c.querySelectorAll('.jp-OutputArea img')].map(i => ({w: i.naturalWidth, h: i.naturalHeight, src: i.src.slice(0, 22)}));
+        const s = [...c.querySelectorAll('.jp-OutputArea div')].find(d => /^Training summary/.test(d.innerText.trim()));
+        summary = s ? s.innerText : null;
+      }
+      const busy = [...document.querySelectorAll('.jp-InputPrompt')].filter(p => p.innerText.includes('*')).length;
+      return {header, dashCell, imgs, summary, busy, ncells: cells.length};
+    }""")
+
+
+def run(args) -> dict:
+    prerequisites()
+    from playwright.sync_api import sync_playwright
+    root = Path(tempfile.mkdtemp(prefix="lbft-browser-"))
+    name = "walkthrough.ipynb"
+    n_code = copy_notebook(Path(args.notebook), root/name)
+    port, token = free_port(), secrets.token_hex(16)
+    out = Path(args.out); out.parent.mkdir(parents=True, exist_ok=True)
+    live_png = out.with_name(out.stem + "_live" + out.suffix)
+    log = open(root/"jupyterlab.log", "w")
+    proc = start_lab(root, port, token, log)
+    figures, t0 = {"notebook": str(args.notebook), "code_cells": n_code, "port": port}, time.time()
+    try:
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+            page = browser.new_page(viewport={"width": 1300, "height": 1000})
+            page.goto(f"http://127.0.0.1:{port}/lab/tree/{name}?token={token}", timeout=120_000)
+            page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=120_000)
+            page.wait_for_function("() => window.jupyterapp && window.jupyterapp.shell.currentWidget && "
+                                   "window.jupyterapp.shell.currentWidget.sessionContext && "
+                                   "window.jupyterapp.shell.currentWidget.sessionContext.session && "
+                                   "window.jupyterapp.shell.currentWidget.sessionContext.session.kernel", timeout=120_000)
+            page.wait_for_function("() => window.jupyterapp.shell.currentWidget.sessionContext.session.kernel.status === 'idle'", timeout=120_000)
+            page.evaluate("() => window.jupyterapp.commands.execute('notebook:run-all-cells')")
+            headers, live_shot, deadline = [], False, time.time() + args.timeout
+            idle_since = None
+            while time.time() < deadline:
+                s = dashboard_state(page)
+                if s["header"] and (not headers or headers[-1] != s["header"]): headers.append(s["header"])
+                m = STEP_RE.search(s["header"] or "")
+                if m and not live_shot and s["summary"] is None and int(m[1]) >= int(m[2]) // 2 and any(i["w"] > 100 for i in s["imgs"]):
+                    cell = page.locator(".jp-Notebook .jp-Cell").nth(s["dashCell"])
+                    cell.locator(".jp-OutputArea").screenshot(path=str(live_png))
+                    live_shot = True
+                    figures["live_screenshot_header"] = s["header"]
+                status = page.evaluate("() => window.jupyterapp.shell.currentWidget.sessionContext.session.kernel.status")
+                if s["busy"] == 0 and status == "idle":
+                    idle_since = idle_since or time.time()
+                    if time.time() - idle_since > 3: break
+                else: idle_since = None
+                time.sleep(0.25)
+            else: raise CheckFailed(f"the notebook did not finish within {args.timeout} s (last header: {headers[-1] if headers else None})")
+            figures["notebook_seconds"] = round(time.time() - t0, 1)
+            page.evaluate("() => window.jupyterapp.commands.execute('docmanager:save')")
+            time.sleep(2)
+            s = dashboard_state(page)
+            cell = page.locator(".jp-Notebook .jp-Cell").nth(s["dashCell"]) if s["dashCell"] >= 0 else None
+            if cell is not None:
+                cell.scroll_into_view_if_needed()
+                cell.locator(".jp-OutputArea").screenshot(path=str(out))
+            else: page.screenshot(path=str(out), full_page=True)
+            browser.close()
+        nb = json.loads((root/name).read_text())
+        errors = [o for c in nb["cells"] if c["cell_type"] == "code" for o in c.get("outputs", []) if o.get("output_type") == "error"]
+        ran = sum(c["cell_type"] == "code" and c.get("execution_count") is not None for c in nb["cells"])
+        figures.update(cells_executed=f"{ran}/{n_code}", errors=len(errors))
+        check(not errors, f"a cell raised {errors[0]['ename']}: {errors[0]['evalue'][:300]}" if errors else "")
+        check(ran == n_code, f"only {ran} of {n_code} code cells ran")
+        # the live dashboard, seen while training ran
+        steps = [(int(m[1]), int(m[2])) for h in headers if (m := STEP_RE.search(h))]
+        losses = [float(m[1]) for h in headers if (m := LOSS_RE.search(h))]
+        check(steps, "the live dashboard header (\"step k/N\") never appeared")
+        figures.update(live_header_updates=len(headers), live_first_header=headers[0], live_last_header=headers[-1],
+                       live_steps_seen=f"{min(s for s, _ in steps)}..{max(s for s, _ in steps)} of {steps[-1][1]}")
+        check(losses, "the live header never showed a loss")
+        check(live_shot, "no live screenshot: the dashboard image never rendered while training ran")
+        # the final dashboard: static PNG + summary
+        pngs = [i for i in s["imgs"] if i["src"].startswith("data:image/png")]
+        check(pngs, f"the dashboard left no PNG image (images seen: {s['imgs']})")
+        w, h = max((i["w"], i["h"]) for i in pngs)
+        figures.update(final_image_natural_size=f"{w}x{h}")
+        check(w >= 300 and h >= 150, f"the dashboard image is only {w}x{h} px")
+        summ = s["summary"] or ""
+        m, l = re.search(r"steps\s+(\d+)/(\d+)", summ), re.search(r"final train loss\s+(\d+\.\d+)", summ)
+        check(m and l, f"the summary lacks the final step or loss: {summ!r}")
+        check(m[1] == m[2] and int(m[2]) == steps[-1][1], f"the summary shows step {m[1]}/{m[2]}, not the final step")
+        figures.update(final_step=f"{m[1]}/{m[2]}", final_train_loss=float(l[1]), first_logged_loss=losses[0],
+                       screenshot=str(out), live_screenshot=str(live_png))
+        check(out.stat().st_size > 10_000, f"the screenshot {out} is suspiciously small")
+        return figures
+    finally:
+        proc.terminate()
+        try: proc.wait(20)
+        except subprocess.TimeoutExpired: proc.kill()
+        log.close()
+        if args.keep: print(f"kept {root}")
+        else: shutil.rmtree(root, ignore_errors=True)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--notebook", default=str(NOTEBOOK), help="notebook to run (default: the walk-through tutorial)")
+    p.add_argument("--out", default="/tmp/lbft/browser/dashboard.png", help="screenshot of the final dashboard (PNG); the live one goes next to it as *_live.png")
+    p.add_argument("--timeout", type=int, default=1200, help="seconds to wait for the notebook to finish")
+    p.add_argument("--keep", action="store_true", help="keep the temporary folder (notebook with outputs, JupyterLab log)")
+    args = p.parse_args(argv)
+    try: figures = run(args)
+    except CheckFailed as e:
+        print(f"BROWSER CHECK FAILED: {e}", file=sys.stderr)
+        return 1
+    print("BROWSER CHECK PASSED")
+    for k, v in figures.items(): print(f"  {k}: {v}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
