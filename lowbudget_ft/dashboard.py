@@ -133,7 +133,7 @@ class Plotter:
             shown = [l for l in ax.get_lines() if l.get_visible() and len(l.get_xdata())]
             if ax.get_legend(): ax.get_legend().remove()
             if shown: ax.legend(handles=shown, fontsize=8, loc="upper right")  # "best" is slow
-        self.ax_mem.set_ylim(bottom=0)
+        self.ax_mem.set_ylim(0, max(self.ax_mem.dataLim.y1 * 1.08, 1e-3))  # explicit: set_ylim turns y-autoscale off
         self.title.set_text(title or "")
         self.fig.subplots_adjust(left=0.06, right=0.99, bottom=0.15, top=0.84 if title else 0.9, wspace=0.18)
         buf = io.BytesIO()

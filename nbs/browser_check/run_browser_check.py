@@ -12,10 +12,11 @@ Prerequisites (this script installs nothing):
 
 What it does: copies the tutorial to a temporary folder (dropping the `#| eval: false` cells, as nbdev_test does),
 starts JupyterLab on 127.0.0.1 with a random token on a free port, opens the notebook in headless Chromium driven by
-Playwright, runs all cells, watches the live dashboard while training runs, waits for the notebook to finish, and
-asserts that the dashboard rendered: the live header showed the step and a loss, the final dashboard image is a real
-PNG of non-trivial size, and the summary shows the final step (N/N) and the final loss. Saves screenshots of the live
-and final dashboard, prints the asserted figures, and exits non-zero on any failure. Not part of CI (minutes on a CPU).
+Playwright, starts all cells (not awaiting them), watches the live dashboard while training runs, waits for the
+notebook to finish, and asserts that the dashboard rendered: the live header showed the step and a loss, the final
+dashboard image is a real PNG of non-trivial size, and the summary shows the final step (N/N) and the final loss.
+Saves screenshots of the live and final dashboard, prints the asserted figures, and exits non-zero on any failure.
+Not part of CI (minutes on a CPU).
 """
 import argparse, json, os, re, secrets, shutil, socket, subprocess, sys, tempfile, time, urllib.request
 from pathlib import Path
@@ -25,8 +26,8 @@ NOTEBOOK = REPO/"nbs"/"tutorials"/"complaints_walkthrough.ipynb"
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--headless", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
-STEP_RE = re.compile(r"step (\d+)/(\d+)")
-LOSS_RE = re.compile(r"loss (\d+\.\d+)")
+STEP_RE = re.compile(r"step\s(\d+)/(\d+)")
+LOSS_RE = re.compile(r"loss\s(\d+\.\d+)")
 
 
 class CheckFailed(Exception): pass
@@ -95,26 +96,40 @@ def start_lab(root:Path, port:int, token:str, log):
 
 
 def dashboard_state(page) -> dict:
-    "What the page shows of the dashboard right now (live header, image sizes, final summary)."
+    "What the page shows of the dashboard right now: live header and image, final PNG and summary."
     return page.evaluate(r"""() => {
+      const norm = t => t.replace(/\s+/g, ' ').trim();
       const cells = [...document.querySelectorAll('.jp-Notebook .jp-Cell')];
-      const header = [...document.querySelectorAll('.jp-OutputArea .widget-html')].map(e => e.innerText).find(t => /step \d+\/\d+/.test(t)) || null;
-      const dashCell = cells.findIndex(c => c.querySelector('.widget-vbox .widget-html') || /Training summary/.test(c.innerText));
-      let imgs = [], summary = null;
-      if (dashCell >= 0) {
-        const c = cells[dashCell];
-        imgs = [...c.querySelectorAll('.jp-OutputArea img')].map(i => ({w: i.naturalWidth, h: i.naturalHeight, src: i.src.slice(0, 22)}));
-        const s = [...c.querySelectorAll('.jp-OutputArea div')].find(d => /^Training summary/.test(d.innerText.trim()));
-        summary = s ? s.innerText : null;
+      const dashCell = cells.findIndex(c => c.querySelector('.jp-OutputArea .widget-vbox .widget-image') || /Training summary/.test(c.textContent));
+      const out = {dashCell, header: null, live_imgs: [], final_imgs: [], summary: null, ncells: cells.length};
+      if (dashCell < 0) return out;
+      const c = cells[dashCell];
+      c.scrollIntoView({block: 'start'});  // keep the dashboard on screen (rendered, and ready for a screenshot)
+      const box = c.querySelector('.jp-OutputArea .widget-vbox');  // the live widget: header + image + gauges
+      if (box) {
+        out.header = [...box.querySelectorAll('.widget-html')].map(e => norm(e.textContent)).find(t => /step \d+\/\d+/.test(t)) || null;
+        out.live_imgs = [...box.querySelectorAll('img')].map(i => ({w: i.naturalWidth, h: i.naturalHeight, src: i.src}));  // a new blob: URL per redraw
       }
-      const busy = [...document.querySelectorAll('.jp-InputPrompt')].filter(p => p.innerText.includes('*')).length;
-      return {header, dashCell, imgs, summary, busy, ncells: cells.length};
+      out.final_imgs = [...c.querySelectorAll('.jp-OutputArea .jp-RenderedImage img')]
+        .map(i => ({w: i.naturalWidth, h: i.naturalHeight, png: i.src.startsWith('data:image/png')}));
+      const s = [...c.querySelectorAll('.jp-OutputArea div')].find(d => /^Training summary/.test(d.textContent.trim()));
+      out.summary = s ? norm(s.textContent) : null;
+      return out;
     }""")
 
 
-def run(args) -> dict:
+def start_all_cells(page):
+    "Start `run all cells` WITHOUT awaiting it; `window.__lbft_done` is set when every cell has run (or one failed)."
+    # commands.execute returns a Promise that settles only when the last cell finishes: returning it to
+    # page.evaluate would block here until training is over, and the live widget would never be seen.
+    page.evaluate("""() => { window.__lbft_done = null;
+      window.jupyterapp.commands.execute('notebook:run-all-cells').then(
+        ok => { window.__lbft_done = {ok: ok !== false}; }, e => { window.__lbft_done = {ok: false, error: String(e)}; }); }""")
+
+
+def run(args, figures:dict) -> dict:
     prerequisites()
-    from playwright.sync_api import sync_playwright
+    from playwright.sync_api import sync_playwright, Error as PlaywrightError
     root = Path(tempfile.mkdtemp(prefix="lbft-browser-"))
     name = "walkthrough.ipynb"
     n_code = copy_notebook(Path(args.notebook), root/name)
@@ -123,11 +138,11 @@ def run(args) -> dict:
     live_png = out.with_name(out.stem + "_live" + out.suffix)
     log = open(root/"jupyterlab.log", "w")
     proc = start_lab(root, port, token, log)
-    figures, t0 = {"notebook": str(args.notebook), "code_cells": n_code, "port": port}, time.time()
+    figures.update(notebook=str(args.notebook), code_cells=n_code, port=port)
     try:
         with sync_playwright() as pw:
             browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
-            page = browser.new_page(viewport={"width": 1300, "height": 1000})
+            page = browser.new_page(viewport={"width": 1300, "height": 2400})  # windowing is off: every cell stays in the DOM
             page.goto(f"http://127.0.0.1:{port}/lab/tree/{name}?token={token}", timeout=120_000)
             page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=120_000)
             page.wait_for_function("() => window.jupyterapp && window.jupyterapp.shell.currentWidget && "
@@ -135,62 +150,78 @@ def run(args) -> dict:
                                    "window.jupyterapp.shell.currentWidget.sessionContext.session && "
                                    "window.jupyterapp.shell.currentWidget.sessionContext.session.kernel", timeout=120_000)
             page.wait_for_function("() => window.jupyterapp.shell.currentWidget.sessionContext.session.kernel.status === 'idle'", timeout=120_000)
-            page.evaluate("() => window.jupyterapp.commands.execute('notebook:run-all-cells')")
-            headers, live_shot, deadline = [], False, time.time() + args.timeout
-            idle_since = None
+            figures["windowing_mode"] = page.evaluate("() => { const nb = window.jupyterapp.shell.currentWidget.content;"
+                "nb.notebookConfig = {...nb.notebookConfig, windowingMode: 'none'}; return nb.notebookConfig.windowingMode; }")
+            t0 = time.time()
+            start_all_cells(page)
+            # (1) while the notebook runs: record every distinct live header, the live image, one live screenshot
+            headers, live_imgs, shot_step, done, deadline = [], [], None, None, t0 + args.timeout
             while time.time() < deadline:
                 s = dashboard_state(page)
                 if s["header"] and (not headers or headers[-1] != s["header"]): headers.append(s["header"])
+                drawn = [i for i in s["live_imgs"] if i["w"] > 200]
+                live_imgs += drawn[:1]
                 m = STEP_RE.search(s["header"] or "")
-                if m and not live_shot and s["summary"] is None and int(m[1]) >= int(m[2]) // 2 and any(i["w"] > 100 for i in s["imgs"]):
-                    cell = page.locator(".jp-Notebook .jp-Cell").nth(s["dashCell"])
-                    cell.locator(".jp-OutputArea").screenshot(path=str(live_png))
-                    live_shot = True
-                    figures["live_screenshot_header"] = s["header"]
-                status = page.evaluate("() => window.jupyterapp.shell.currentWidget.sessionContext.session.kernel.status")
-                if s["busy"] == 0 and status == "idle":
-                    idle_since = idle_since or time.time()
-                    if time.time() - idle_since > 3: break
-                else: idle_since = None
+                # screenshot the live widget once its plot is drawn, and again once past half-way (at most twice)
+                if m and drawn and (shot_step is None or (shot_step < int(m[2]) // 2 <= int(m[1]))):
+                    try:
+                        page.locator(".jp-Notebook .jp-Cell").nth(s["dashCell"]).locator(".jp-OutputArea").screenshot(path=str(live_png), timeout=10_000)
+                        shot_step, figures["live_screenshot_header"] = int(m[1]), s["header"]
+                    except PlaywrightError: pass  # the widget was replaced mid-screenshot (training ended): keep the earlier one
+                done = page.evaluate("() => window.__lbft_done")
+                if done is not None: break
                 time.sleep(0.25)
             else: raise CheckFailed(f"the notebook did not finish within {args.timeout} s (last header: {headers[-1] if headers else None})")
             figures["notebook_seconds"] = round(time.time() - t0, 1)
-            page.evaluate("() => window.jupyterapp.commands.execute('docmanager:save')")
-            time.sleep(2)
+            page.wait_for_function("() => window.jupyterapp.shell.currentWidget.sessionContext.session.kernel.status === 'idle'", timeout=60_000)
+            page.evaluate("() => window.jupyterapp.commands.execute('docmanager:save')")  # awaited: the file is written
+            # (2) after the run: the static PNG and the summary that replaced the live widget
+            page.wait_for_timeout(1000)
             s = dashboard_state(page)
-            cell = page.locator(".jp-Notebook .jp-Cell").nth(s["dashCell"]) if s["dashCell"] >= 0 else None
-            if cell is not None:
-                cell.scroll_into_view_if_needed()
-                cell.locator(".jp-OutputArea").screenshot(path=str(out))
+            if s["dashCell"] >= 0:
+                page.locator(".jp-Notebook .jp-Cell").nth(s["dashCell"]).locator(".jp-OutputArea").screenshot(path=str(out))
             else: page.screenshot(path=str(out), full_page=True)
             browser.close()
         nb = json.loads((root/name).read_text())
-        errors = [o for c in nb["cells"] if c["cell_type"] == "code" for o in c.get("outputs", []) if o.get("output_type") == "error"]
-        ran = sum(c["cell_type"] == "code" and c.get("execution_count") is not None for c in nb["cells"])
+        code = [c for c in nb["cells"] if c["cell_type"] == "code"]
+        errors = [(i, o) for i, c in enumerate(code) for o in c.get("outputs", []) if o.get("output_type") == "error"]
+        ran = sum(c.get("execution_count") is not None for c in code)
+        dash_i = next((i for i, c in enumerate(code) if any("Training summary" in "".join(o.get("data", {}).get("text/html", ""))
+                                                             for o in c.get("outputs", []))), len(code))
         figures.update(cells_executed=f"{ran}/{n_code}", errors=len(errors))
-        check(not errors, f"a cell raised {errors[0]['ename']}: {errors[0]['evalue'][:300]}" if errors else "")
-        check(ran == n_code, f"only {ran} of {n_code} code cells ran")
+        def cell_errors(early:bool):
+            "Fail on the first error in a cell up to the dashboard's (`early`) or after it."
+            errs = [(i, o) for i, o in errors if (i <= dash_i) == early]
+            check(not errs, f"code cell {errs[0][0] + 1} raised {errs[0][1]['ename']}: {errs[0][1]['evalue'][:300]}" if errs else "")
+        cell_errors(early=True)  # an error up to the training cell explains any dashboard failure: report it first
+        check(s["dashCell"] >= 0, "no cell shows the dashboard (neither the live widget nor the training summary)")
         # the live dashboard, seen while training ran
         steps = [(int(m[1]), int(m[2])) for h in headers if (m := STEP_RE.search(h))]
         losses = [float(m[1]) for h in headers if (m := LOSS_RE.search(h))]
-        check(steps, "the live dashboard header (\"step k/N\") never appeared")
+        check(steps, "the live dashboard header (\"step k/N\") never appeared while the notebook ran")
+        total = steps[-1][1]
         figures.update(live_header_updates=len(headers), live_first_header=headers[0], live_last_header=headers[-1],
-                       live_steps_seen=f"{min(s for s, _ in steps)}..{max(s for s, _ in steps)} of {steps[-1][1]}")
+                       live_steps_seen=f"{min(k for k, _ in steps)}..{max(k for k, _ in steps)} of {total}")
         check(losses, "the live header never showed a loss")
-        check(live_shot, "no live screenshot: the dashboard image never rendered while training ran")
-        # the final dashboard: static PNG + summary
-        pngs = [i for i in s["imgs"] if i["src"].startswith("data:image/png")]
-        check(pngs, f"the dashboard left no PNG image (images seen: {s['imgs']})")
+        figures.update(live_losses_seen=f"{losses[0]} .. {losses[-1]} ({len(losses)} updates with a loss)")
+        check(live_imgs, "the live dashboard image never showed a plot (no <img> wider than 200 px in the widget)")
+        figures.update(live_image_natural_size=f"{live_imgs[-1]['w']}x{live_imgs[-1]['h']}",
+                       live_plot_redraws_seen=len({i['src'] for i in live_imgs}), live_screenshot=str(live_png))
+        # the final dashboard: the static PNG and the summary that replaced the widget
+        check(s["header"] is None, f"the live widget is still shown after the run ({s['header']!r}); it should be replaced by the PNG")
+        pngs = [i for i in s["final_imgs"] if i["png"]]
+        check(pngs, f"the dashboard left no PNG image (images seen: {s['final_imgs']})")
         w, h = max((i["w"], i["h"]) for i in pngs)
         figures.update(final_image_natural_size=f"{w}x{h}")
-        check(w >= 300 and h >= 150, f"the dashboard image is only {w}x{h} px")
+        check(w > 200 and h > 100, f"the final dashboard image is only {w}x{h} px")
         summ = s["summary"] or ""
-        m, l = re.search(r"steps\s+(\d+)/(\d+)", summ), re.search(r"final train loss\s+(\d+\.\d+)", summ)
+        m, l = re.search(r"steps\s*(\d+)/(\d+)", summ), re.search(r"final train loss\s*(\d+\.\d+)", summ)
         check(m and l, f"the summary lacks the final step or loss: {summ!r}")
-        check(m[1] == m[2] and int(m[2]) == steps[-1][1], f"the summary shows step {m[1]}/{m[2]}, not the final step")
-        figures.update(final_step=f"{m[1]}/{m[2]}", final_train_loss=float(l[1]), first_logged_loss=losses[0],
-                       screenshot=str(out), live_screenshot=str(live_png))
+        check(m[1] == m[2] and int(m[2]) == total, f"the summary shows step {m[1]}/{m[2]}, not the final step {total}/{total}")
+        figures.update(final_step=f"{m[1]}/{m[2]}", final_train_loss=float(l[1]), screenshot=str(out))
         check(out.stat().st_size > 10_000, f"the screenshot {out} is suspiciously small")
+        cell_errors(early=False)  # the dashboard passed; a later cell (evaluation, ...) may still have failed
+        check(ran == n_code and done.get("ok"), f"only {ran} of {n_code} code cells ran ({done})")
         return figures
     finally:
         proc.terminate()
@@ -208,9 +239,11 @@ def main(argv=None) -> int:
     p.add_argument("--timeout", type=int, default=1200, help="seconds to wait for the notebook to finish")
     p.add_argument("--keep", action="store_true", help="keep the temporary folder (notebook with outputs, JupyterLab log)")
     args = p.parse_args(argv)
-    try: figures = run(args)
+    figures = {}
+    try: run(args, figures)
     except CheckFailed as e:
         print(f"BROWSER CHECK FAILED: {e}", file=sys.stderr)
+        for k, v in figures.items(): print(f"  {k}: {v}", file=sys.stderr)  # what was checked before the failure
         return 1
     print("BROWSER CHECK PASSED")
     for k, v in figures.items(): print(f"  {k}: {v}")
