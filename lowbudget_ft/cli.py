@@ -24,13 +24,12 @@ def _say(msg:str, quiet:bool=False):
 # %% ../nbs/10_cli.ipynb #99af5519
 def _demo_inputs(a):
     "Validate the demo's inputs up front; returns (model name, train table, test table, labels)."
-    from lowbudget_ft.complaints import load_complaints, sample_path
+    from lowbudget_ft.complaints import sample_path
     from lowbudget_ft.data import read_table, split_dataset
-    from lowbudget_ft.loading import resolve_model
-    from lowbudget_ft.tiny import tiny_model_path
+    from lowbudget_ft.train import model_path
     if a.out and Path(a.out).exists() and any(Path(a.out).iterdir()):
         raise FileExistsError(f"--out {a.out} already exists and is not empty: choose a new directory (nothing is overwritten).")
-    name = str(tiny_model_path()) if a.model == "tiny" else resolve_model(a.model)
+    name = model_path(a.model)
     if a.data == "sample": df = read_table(sample_path("csv"))
     else:
         df = read_table(a.data)
@@ -63,10 +62,9 @@ def _side_by_side(model, tok, test, a, labels, n:int=3) -> str:
     return "      " + cmp.summary() + "\n" + "\n".join(lines)
 
 def run_demo(a) -> dict:
-    "The whole flow: check, plan, load 4-bit, LoRA, data, accuracy before, train, accuracy after, save. Returns the summary."
-    from lowbudget_ft.loading import load_model
-    from lowbudget_ft.lora import add_lora, trainable_report
-    from lowbudget_ft.train import finetune, RunConfig
+    "The whole flow: check, load 4-bit with LoRA, train, accuracy before (adapter off) and after, save. Returns the summary."
+    from lowbudget_ft.lora import trainable_report
+    from lowbudget_ft.train import finetune, load_for_config, RunConfig
     t0, q = time.time(), a.quiet
     tiny = a.model == "tiny"
     _say("[1/7] Checking inputs and the machine", q)
@@ -80,18 +78,17 @@ def run_demo(a) -> dict:
     try:
         from transformers import set_seed
         set_seed(a.seed)
-        _say("[2/7] Loading the model in 4-bit NF4 (double quantisation)", q)
-        model, tok = load_model(name, bits=a.bits, check_fit=not a.force)
-        _say("[3/7] Adding LoRA adapters to every linear layer" + (" (random base: its embeddings and output head train too)" if tiny else ""), q)
-        model = add_lora(model, r=a.rank, train_head=tiny, train_embeddings=tiny)
-        rep = trainable_report(model)
-        _say(f"      {rep}", q)
-        n_eval = min(len(test), a.eval_rows)
-        _say(f"[4/7] Training {a.steps} steps (batch {a.batch_size}, paged 8-bit AdamW, completion-only loss)", q)
         cfg = RunConfig(model=name, data=a.data, prompt=a.prompt, response=a.response, instruction=a.instruction,
                         bits=a.bits, rank=a.rank, train_head=tiny, train_embeddings=tiny, batch_size=a.batch_size, grad_accum=1, lr=a.lr,
                         max_steps=a.steps, warmup_ratio=a.warmup, logging_steps=max(1, a.steps // 10), save_every=max(1, a.steps // 3),
                         seed=a.seed, output_dir=str(work/"checkpoints"), dashboard="quiet" if q else "console", max_seq_len=a.max_seq_len)
+        _say("[2/7] Loading the model in 4-bit NF4 (double quantisation)", q)
+        model, tok = load_for_config(cfg, check_fit=not a.force)
+        _say("[3/7] LoRA adapters on every linear layer" + (" (random base: its embeddings and output head train too)" if tiny else ""), q)
+        rep = trainable_report(model)
+        _say(f"      {rep}", q)
+        n_eval = min(len(test), a.eval_rows)
+        _say(f"[4/7] Training {a.steps} steps (batch {a.batch_size}, paged 8-bit AdamW, completion-only loss)", q)
         res = finetune(model, tok, train[[a.prompt, a.response]], config=cfg)
         _say(f"[5/7] Accuracy on {n_eval} held-out rows before training: the same model with its adapter switched off", q)
         with model.disable_adapter(): before = _accuracy(model, tok, test, a, labels, n_eval)

@@ -432,10 +432,8 @@ def _max_diff(a:list, b:list) -> float: return max(float((x - y).abs().max()) fo
 
 def _adapter_tokenizer(adapter:Path, base:str):
     "The tokenizer saved beside the adapter (else the base model's), with a pad token."
-    from transformers import AutoTokenizer
-    tok = AutoTokenizer.from_pretrained(str(adapter if (adapter/"tokenizer_config.json").exists() else base))
-    if tok.pad_token is None: tok.pad_token = tok.eos_token
-    return tok
+    from lowbudget_ft.loading import load_tokenizer
+    return load_tokenizer(adapter if (adapter/"tokenizer_config.json").exists() else base)
 
 def _base_and_tokenizer(adapter:Path, base):
     "The base model name (recorded in the adapter unless given) and the tokenizer."
@@ -510,6 +508,6 @@ def load_adapter(path:str|Path, # a directory written by `save_adapter` / `finet
     from lowbudget_ft.loading import load_model
     path = Path(path)
     if not (path/"adapter_config.json").exists(): raise FileNotFoundError(f"{path} holds no adapter (adapter_config.json is missing): pass the directory finetune() reported as adapter_path.")
-    base = base or json.loads((path/"adapter_config.json").read_text())["base_model_name_or_path"]
+    base, tok = _base_and_tokenizer(path, base)
     model, _ = load_model(base, bits=bits, check_fit=False)
-    return PeftModel.from_pretrained(model, path), _adapter_tokenizer(path, base)
+    return PeftModel.from_pretrained(model, path), tok

@@ -11,7 +11,8 @@ from .core import gpu_info, memory_stats, reset_peak, free_memory, fmt_bytes
 
 # %% auto #0
 __all__ = ['RunConfig', 'save_config', 'load_config', 'training_args', 'complete_checkpoints', 'SaveEveryMinutes',
-           'DivergedError', 'TrainResult', 'save_adapter', 'finetune', 'train_from_config', 'train_command']
+           'DivergedError', 'TrainResult', 'save_adapter', 'finetune', 'model_path', 'load_for_config',
+           'train_from_config', 'train_command']
 
 # %% ../nbs/08_train.ipynb #5ce08a5b
 def _opt(default, help:str): return field(default=default, metadata={"help": help})
@@ -462,17 +463,32 @@ def finetune(model, # a `PeftModel` (see `add_lora`)
                        cfg, micro, cfg.grad_accum * math.ceil(cfg.batch_size / micro), dash.notes)
 
 # %% ../nbs/08_train.ipynb #6ec8c970
+def model_path(name:str, # a model directory, a hub id, or "tiny" for the offline tiny model
+              ) -> str:
+    "The model to load for a run's `model` setting."
+    from lowbudget_ft.loading import resolve_model
+    if name != "tiny": return resolve_model(name)
+    from lowbudget_ft.tiny import tiny_model_path
+    return str(tiny_model_path())
+
+def load_for_config(cfg:RunConfig, # the run
+                    check_fit:bool=True, # refuse, before downloading, a model that won't fit the card
+                   ):
+    "`(model, tokenizer)` for `cfg`: its model in its bits (after the memory pre-flight), with its LoRA adapters."
+    from lowbudget_ft.loading import load_model
+    from lowbudget_ft.lora import add_lora
+    model, tokenizer = load_model(model_path(cfg.model), bits=cfg.bits, double_quant=cfg.double_quant, check_fit=check_fit,
+                                  plan_kwargs=dict(rank=cfg.rank, batch_size=cfg.batch_size, seq_len=cfg.max_seq_len))
+    model = add_lora(model, r=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout, targets=cfg.targets,
+                     gradient_checkpointing=cfg.gradient_checkpointing, train_head=cfg.train_head,
+                     train_embeddings=cfg.train_embeddings)
+    return model, tokenizer
+
 def train_from_config(cfg:RunConfig, # the run
                       resume:bool=False, # continue from the newest complete checkpoint
                       callbacks:list|None=None, # extra `TrainerCallback`s
                      ) -> TrainResult:
     "Load the model of `cfg` in its bits, add LoRA, read its data and `finetune`."
-    from lowbudget_ft.loading import load_model
-    from lowbudget_ft.lora import add_lora
-    if cfg.model == "tiny":
-        from lowbudget_ft.tiny import tiny_model_path
-        path = tiny_model_path()
-    else: path = cfg.model
     if cfg.data == "sample":
         from lowbudget_ft.complaints import load_complaints
         data = load_complaints("train")
@@ -483,10 +499,7 @@ def train_from_config(cfg:RunConfig, # the run
     if cfg.eval_split:
         from lowbudget_ft.data import split_dataset
         data, evals = split_dataset(data, eval_size=cfg.eval_split, seed=cfg.seed)
-    model, tokenizer = load_model(path, bits=cfg.bits, double_quant=cfg.double_quant,
-                                  plan_kwargs=dict(rank=cfg.rank, batch_size=cfg.batch_size, seq_len=cfg.max_seq_len))
-    model = add_lora(model, r=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout, targets=cfg.targets,
-                     gradient_checkpointing=cfg.gradient_checkpointing, train_head=cfg.train_head, train_embeddings=cfg.train_embeddings)
+    model, tokenizer = load_for_config(cfg)
     return finetune(model, tokenizer, data, evals, config=cfg, resume=resume, callbacks=callbacks)
 
 def _parse_sets(items:list) -> dict:
