@@ -375,7 +375,8 @@ class _Events:
         self._mark(state, restart=True)
         self._sample()
         self.view.begin(self)
-        self._draw(force=True)  # the first plot comes with the first steps: an empty one is not worth drawing
+        self._draw(force=True)
+        self._plot.last = self._t0  # the first plot comes `plot_every` seconds in, with something to show
 
     def on_step_end(self, args, state, control, **kwargs):
         if not _main(state): return

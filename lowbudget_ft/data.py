@@ -5,13 +5,14 @@
 # %% ../nbs/06_data.ipynb #5fa5fbb2
 from __future__ import annotations
 import copy, csv, difflib, io, json, math, re, warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['DEFAULT_TEMPLATE', 'INPUT_ONLY_TEMPLATE', 'INSTRUCTION_ONLY_TEMPLATE', 'format_messages', 'format_prompt',
-           'read_table', 'encode_prompt', 'prepare_dataset', 'make_collator', 'MaskedText', 'show_masking',
-           'LengthReport', 'length_report', 'split_dataset']
+__all__ = ['DEFAULT_TEMPLATE', 'INPUT_ONLY_TEMPLATE', 'INSTRUCTION_ONLY_TEMPLATE', 'PACKED_ATTENTION', 'format_messages',
+           'format_prompt', 'read_table', 'encode_prompt', 'prepare_dataset', 'make_collator', 'segment_sdpa',
+           'packed_attention', 'MaskedText', 'show_masking', 'LengthReport', 'length_report', 'split_dataset']
 
 # %% ../nbs/06_data.ipynb #4807234d
 DEFAULT_TEMPLATE = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
@@ -313,12 +314,65 @@ def make_collator(tokenizer, # the tokenizer (its pad token pads dynamic batches
                  ):
     "A data collator for `prepare_dataset` output: dynamic padding, or padding-free packing."
     from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening
-    if packing: return DataCollatorWithFlattening(return_position_ids=True, separator_id=-100)
+    if packing: return DataCollatorWithFlattening(return_position_ids=True, separator_id=-100, return_flash_attn_kwargs=True)
     if tokenizer.pad_token_id is None:
         raise ValueError("the tokenizer has no pad token; set tokenizer.pad_token = tokenizer.eos_token (padding is masked out of the loss and attention), or use packing=True")
     if tokenizer.padding_side != "right":  # train with right padding; copy so the user's tokenizer is untouched
         tokenizer = copy.copy(tokenizer); tokenizer.padding_side = "right"
     return DataCollatorForSeq2Seq(tokenizer, padding=True, pad_to_multiple_of=pad_to_multiple_of, label_pad_token_id=-100)
+
+# %% ../nbs/06_data.ipynb #9fa5e453
+PACKED_ATTENTION = "lowbudget_packed_sdpa"
+_bounds_memo = [None, None]  # (weak reference to the last `cu_seq_lens_q`, its boundaries): one host read per forward
+
+def _boundaries(cu) -> list:
+    "`cu_seq_lens_q` as a Python list, read from the device once per tensor (every layer gets the same tensor)."
+    import weakref
+    ref, bounds = _bounds_memo
+    if ref is None or ref() is not cu: _bounds_memo[:] = weakref.ref(cu), cu.tolist()
+    return _bounds_memo[1]
+
+def segment_sdpa(module, # the attention layer (transformers passes it)
+                 query, key, value, # (batch, heads, tokens, head_dim)
+                 attention_mask, # the mask transformers built (ignored on the per-example path)
+                 dropout:float=0.0, scaling:float|None=None, is_causal:bool|None=None,
+                 **kwargs, # `cu_seq_lens_q` from a packing collator; `sliding_window`, `softcap`, ... from the model
+                ) -> tuple:
+    "sdpa over each example of a packed row on its own; any other batch goes to transformers' sdpa unchanged."
+    import torch
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward, repeat_kv
+    cu, window = kwargs.get("cu_seq_lens_q"), kwargs.get("sliding_window")
+    b = _boundaries(cu) if cu is not None and query.shape[0] == 1 and query.shape[2] > 1 else None
+    spans = list(zip(b[:-1], b[1:])) if b and b[-1] == query.shape[2] == key.shape[2] else None
+    plain = is_causal is not False and getattr(module, "is_causal", True) and not any(
+        kwargs.get(k) is not None for k in ("softcap", "s_aux", "position_bias"))
+    if not spans or not plain or (window and max(e - s for s, e in spans) > window):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, **kwargs)
+    groups = getattr(module, "num_key_value_groups", 1)
+    if groups > 1: key, value = repeat_kv(key, groups), repeat_kv(value, groups)
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    out = torch.cat([sdpa(query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], dropout_p=dropout, scale=scaling, is_causal=True)
+                     for s, e in spans], dim=2)
+    return out.transpose(1, 2).contiguous(), None
+
+# %% ../nbs/06_data.ipynb #8405b58c
+@contextmanager
+def packed_attention(model, # a transformers model or a `PeftModel`
+                    ):
+    "Inside the block a model on `sdpa` attends within each packed example only (`segment_sdpa`); yields the implementation in use."
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    before = getattr(base.config, "_attn_implementation", None)
+    if before != "sdpa":
+        yield before
+        return
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    AttentionInterface.register(PACKED_ATTENTION, segment_sdpa)
+    AttentionMaskInterface.register(PACKED_ATTENTION, sdpa_mask)  # padded batches keep sdpa's masks
+    base.set_attn_implementation(PACKED_ATTENTION)
+    try: yield PACKED_ATTENTION
+    finally: base.set_attn_implementation(before)
 
 # %% ../nbs/06_data.ipynb #3487d49e
 @dataclass
