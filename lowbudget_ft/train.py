@@ -246,9 +246,9 @@ def _split_batch(inputs:dict, size:int) -> list:
     starts = (inputs["position_ids"][0] == 0).nonzero().flatten().tolist()
     edges = starts[::size] + [L]
     cut = lambda v, a, b: v[:, a:b] if getattr(v, "ndim", 0) == 2 and v.shape[1] == L else v
-    return [{k: cut(v, a, b) for k, v in inputs.items()} | _boundaries(inputs, starts, a, b) for a, b in zip(edges, edges[1:])]
+    return [{k: cut(v, a, b) for k, v in inputs.items()} | _piece_boundaries(inputs, starts, a, b) for a, b in zip(edges, edges[1:])]
 
-def _boundaries(inputs:dict, starts:list, a:int, b:int) -> dict:
+def _piece_boundaries(inputs:dict, starts:list, a:int, b:int) -> dict:
     "The variable-length attention boundaries (`cu_seq_lens_*`, `max_length_*`) of tokens `a:b` of a packed row."
     if "cu_seq_lens_q" not in inputs: return {}
     cu = [s - a for s in starts if a <= s < b] + [b - a]
