@@ -59,6 +59,12 @@ def _device_map():
     info = gpu_info()
     return {"": int(os.environ.get("LOCAL_RANK", 0))} if info.is_cuda else "cpu"
 
+def _keep_training_layout(model):
+    "Switch off bitsandbytes' repacking of 4-bit weights for CPU inference (AVX512-BF16): training would inherit it."
+    for m in model.modules():
+        if hasattr(m, "support_avx512bf16_for_cpu"): m.support_avx512bf16_for_cpu = False
+    return model
+
 def load_model(name:str|Path, # local model directory or hub id
                bits:int=4, # 4 (NF4), 8 (LLM.int8) or 16 (unquantised)
                double_quant:bool=True, # quantise the 4-bit scales too
@@ -78,4 +84,5 @@ def load_model(name:str|Path, # local model directory or hub id
     dtype = dtype or compute_dtype()
     model = AutoModelForCausalLM.from_pretrained(name, quantization_config=quant_config(bits, double_quant, dtype),
                                                  dtype=dtype, device_map=kwargs.pop("device_map", _device_map()), **kwargs)
+    _keep_training_layout(model)
     return model, load_tokenizer(name)

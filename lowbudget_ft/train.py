@@ -123,7 +123,7 @@ def training_args(cfg:RunConfig, # the run
              save_total_limit=cfg.keep_checkpoints, eval_strategy="steps" if has_eval else "no",
              eval_steps=cfg.save_every if has_eval else None, seed=cfg.seed, report_to=[], disable_tqdm=True,
              bf16=info.is_cuda and info.bf16, fp16=info.is_cuda and not info.bf16, use_cpu=not info.is_cuda,
-             gradient_checkpointing=False, ddp_find_unused_parameters=False, remove_unused_columns=False,
+             ddp_find_unused_parameters=False, remove_unused_columns=False,  # checkpointing: add_lora sets it on the model
              include_num_input_tokens_seen="all" if cfg.packing else "non_padding",  # packed rows hold no padding
              save_only_model=False)
     a.update(kwargs)
