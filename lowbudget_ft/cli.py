@@ -9,7 +9,7 @@ from pathlib import Path
 from .core import gpu_info, memory_stats, fmt_bytes
 
 # %% auto #0
-__all__ = ['TINY_NOTE', 'DEMO_DEFAULTS', 'run_demo', 'main']
+__all__ = ['TINY_NOTE', 'DEMO_DEFAULTS', 'demo_config', 'run_demo', 'main']
 
 # %% ../nbs/10_cli.ipynb #e3ad35d9
 TINY_NOTE = ("Note: the default model is a TINY, RANDOMLY INITIALISED Llama built offline; its accuracy shows the "
@@ -61,10 +61,23 @@ def _side_by_side(model, tok, test, a, labels, n:int=3) -> str:
              for p, b, t, ok in zip(df["prompt"], df["base"], df["tuned"], df["tuned ✓"])]
     return "      " + cmp.summary() + "\n" + "\n".join(lines)
 
+def demo_config(a, # the demo's parsed arguments
+                name:str, # the resolved model (a directory or hub id)
+                output_dir, # where checkpoints go
+               ):
+    "The demo's run config: a random tiny base trains its embeddings and head too."
+    from lowbudget_ft.train import RunConfig
+    tiny = a.model == "tiny"
+    return RunConfig(model=name, data=a.data, prompt=a.prompt, response=a.response, instruction=a.instruction,
+                     bits=a.bits, rank=a.rank, train_head=tiny, train_embeddings=tiny, batch_size=a.batch_size, grad_accum=1,
+                     lr=a.lr, max_steps=a.steps, warmup_ratio=a.warmup, logging_steps=max(1, a.steps // 10),
+                     save_every=max(1, a.steps // 3), seed=a.seed, output_dir=str(output_dir),
+                     dashboard="quiet" if a.quiet else "console", max_seq_len=a.max_seq_len)
+
 def run_demo(a) -> dict:
     "The whole flow: check, load 4-bit with LoRA, train, accuracy before (adapter off) and after, save. Returns the summary."
     from lowbudget_ft.lora import trainable_report
-    from lowbudget_ft.train import finetune, load_for_config, RunConfig
+    from lowbudget_ft.train import finetune, load_for_config
     t0, q = time.time(), a.quiet
     tiny = a.model == "tiny"
     _say("[1/7] Checking inputs and the machine", q)
@@ -78,10 +91,7 @@ def run_demo(a) -> dict:
     try:
         from transformers import set_seed
         set_seed(a.seed)
-        cfg = RunConfig(model=name, data=a.data, prompt=a.prompt, response=a.response, instruction=a.instruction,
-                        bits=a.bits, rank=a.rank, train_head=tiny, train_embeddings=tiny, batch_size=a.batch_size, grad_accum=1, lr=a.lr,
-                        max_steps=a.steps, warmup_ratio=a.warmup, logging_steps=max(1, a.steps // 10), save_every=max(1, a.steps // 3),
-                        seed=a.seed, output_dir=str(work/"checkpoints"), dashboard="quiet" if q else "console", max_seq_len=a.max_seq_len)
+        cfg = demo_config(a, name, work/"checkpoints")
         _say("[2/7] Loading the model in 4-bit NF4 (double quantisation)", q)
         model, tok = load_for_config(cfg, check_fit=not a.force)
         _say("[3/7] LoRA adapters on every linear layer" + (" (random base: its embeddings and output head train too)" if tiny else ""), q)

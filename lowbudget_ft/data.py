@@ -4,7 +4,7 @@
 
 # %% ../nbs/06_data.ipynb #5fa5fbb2
 from __future__ import annotations
-import copy, csv, difflib, io, json, math, re, warnings
+import copy, csv, difflib, io, json, math, re, warnings, weakref
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -327,7 +327,6 @@ _bounds_memo = [None, None]  # (weak reference to the last `cu_seq_lens_q`, its 
 
 def _boundaries(cu) -> list:
     "`cu_seq_lens_q` as a Python list, read from the device once per tensor (every layer gets the same tensor)."
-    import weakref
     ref, bounds = _bounds_memo
     if ref is None or ref() is not cu: _bounds_memo[:] = weakref.ref(cu), cu.tolist()
     return _bounds_memo[1]

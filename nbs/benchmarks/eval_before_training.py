@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a check
 
 from transformers import set_seed
 from lowbudget_ft import cli
-from lowbudget_ft.train import finetune, load_for_config, RunConfig
+from lowbudget_ft.train import finetune, load_for_config
 
 
 def main(seed:int):
@@ -23,10 +23,7 @@ def main(seed:int):
     a = p.parse_args(["--quiet", "--seed", str(seed)])
     name, train, test, labels = cli._demo_inputs(a)
     set_seed(a.seed)
-    cfg = RunConfig(model=name, data=a.data, prompt=a.prompt, response=a.response, bits=a.bits, rank=a.rank,
-                    train_head=True, train_embeddings=True, batch_size=a.batch_size, grad_accum=1, lr=a.lr,
-                    max_steps=a.steps, warmup_ratio=a.warmup, logging_steps=20, save_every=10**6, save_minutes=0,
-                    seed=a.seed, output_dir=tempfile.mkdtemp(), dashboard="quiet", max_seq_len=a.max_seq_len)
+    cfg = cli.demo_config(a, name, tempfile.mkdtemp())  # exactly the demo's run
     model, tok = load_for_config(cfg)
     before = cli._accuracy(model, tok, test, a, labels, a.eval_rows)  # generate() before any training
     res = finetune(model, tok, train[[a.prompt, a.response]], config=cfg)
