@@ -17,8 +17,8 @@ from torch import nn
 def build(preset, small, dev, dt, dq=True):
     import bitsandbytes as bnb
     from transformers import AutoModelForCausalLM
-    from lowbudget_ft.memory import load_config, architecture
-    cfg = load_config(preset)
+    from lowbudget_ft.memory import model_config, architecture
+    cfg = model_config(preset)
     if small: cfg.update(dict(hidden_size=128, intermediate_size=352, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=32, vocab_size=min(cfg.vocab_size, 4000)))
     quant = {n for n, *_ in architecture(cfg).quantized}
     with torch.device(dev): model = AutoModelForCausalLM.from_config(cfg, dtype=dt, attn_implementation="sdpa")

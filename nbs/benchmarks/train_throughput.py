@@ -20,9 +20,10 @@ from lowbudget_ft.tiny import tiny_model_path
 from lowbudget_ft.loading import load_model
 from lowbudget_ft.lora import add_lora
 from lowbudget_ft.complaints import load_complaints
-import lowbudget_ft.data
+import lowbudget_ft.attention
 from lowbudget_ft.data import prepare_dataset, make_collator
-from lowbudget_ft.train import finetune, RunConfig
+from lowbudget_ft.train import finetune
+from lowbudget_ft.config import RunConfig
 
 def pad_to_max(ds, pad_id, n):
     "The notebook recipe: every example padded to `n` tokens."
@@ -39,7 +40,7 @@ def check_packing(model, tok, ds):
     with torch.no_grad():
         a = model(**make_collator(tok, packing=False)(feats)).loss.item()
         b = model(**make_collator(tok, packing=True)(feats)).loss.item()
-        with lowbudget_ft.data.packed_attention(model):
+        with lowbudget_ft.attention.packed_attention(model):
             c = model(**make_collator(tok, packing=True)(feats)).loss.item()
     model.train()
     return a, b, c
@@ -56,19 +57,19 @@ def main(examples=256, batch_size=8, max_seq_len=512, repeats=2, threads=1):
     print(f"packing check: loss padded {a:.5f}, packed {b:.5f} ({same(b)}), packed with packed_attention {c:.5f} ({same(c)})")
     recipes = {"notebook": (pad_to_max(ds, tok.pad_token_id, max_seq_len), False), "dynamic": (ds, False),
                "packed": (ds, True), "packed-row": (ds, True)}
-    ours = lowbudget_ft.data.packed_attention
+    ours = lowbudget_ft.attention.packed_attention
     best = {k: float("inf") for k in recipes}
     for _ in range(repeats):
         for name, (data, packing) in recipes.items():
             # finetune imports packed_attention when it runs: the packed-row arm swaps in a no-op for its run
-            lowbudget_ft.data.packed_attention = ours if name != "packed-row" else (lambda m: contextlib.nullcontext())
+            lowbudget_ft.attention.packed_attention = ours if name != "packed-row" else (lambda m: contextlib.nullcontext())
             with tempfile.TemporaryDirectory() as out:
                 cfg = RunConfig(output_dir=out, batch_size=batch_size, grad_accum=1, epochs=1, packing=packing, max_seq_len=max_seq_len,
                                 save_every=10**6, save_minutes=0, logging_steps=10**6, dashboard="quiet")
                 t = time.perf_counter(); finetune(model, tok, data, config=cfg); best[name] = min(best[name], time.perf_counter() - t)
     tps = {k: useful / v for k, v in best.items()}
     print(f"{examples} examples, {useful:,} useful tokens, batch {batch_size}, max_seq_len {max_seq_len}, {threads} thread(s), best of {repeats}")
-    lowbudget_ft.data.packed_attention = ours
+    lowbudget_ft.attention.packed_attention = ours
     for k in recipes: print(f"  {k:<10} {best[k]:7.2f} s  {tps[k]:9,.0f} useful tokens/s")
     print(f"packed vs notebook recipe: {tps['packed'] / tps['notebook']:.2f}x (target >= 2x)")
     print(f"packed vs dynamic padding: {tps['packed'] / tps['dynamic']:.2f}x (target >= 1.2x)")

@@ -6,7 +6,7 @@ into the run's output_dir at the end (the multi-process test reads these).
 """
 import json, os, sys
 from pathlib import Path
-from lowbudget_ft.train import train_command
+from lowbudget_ft.cli import train_command
 
 class Progress:
     "Duck-typed `TrainerCallback`: one line per step, one file per rank at the end."
