@@ -50,7 +50,7 @@ def _demo_inputs(a):
 def _accuracy(model, tok, test, a, labels, n:int):
     "Held-out label accuracy of `model` on the first `n` test rows."
     from lowbudget_ft.evaluate import evaluate_labels
-    return evaluate_labels(model, tok, test.head(n), prompt=a.prompt, label=a.response, labels=labels,
+    return evaluate_labels(model, tok, test.head(n), prompt=a.prompt, response=a.response, labels=labels,
                            instruction=a.instruction, max_new_tokens=16, batch_size=48)
 
 def _side_by_side(model, tok, test, a, labels, n:int=3) -> str:

@@ -4,13 +4,14 @@
 
 # %% ../nbs/00_core.ipynb #d5e13d8e
 from __future__ import annotations
-import gc, os, sys, resource
+import functools, gc, logging, os, sys, resource, warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 # %% auto #0
 __all__ = ['fmt_bytes', 'GpuInfo', 'total_ram', 'gpu_info', 'compute_dtype', 'memory_stats', 'reset_peak', 'free_memory',
-           'in_notebook', 'in_colab', 'in_ci', 'in_nbdev_test', 'cache_dir']
+           'in_notebook', 'in_colab', 'in_ci', 'in_nbdev_test', 'cache_dir', 'quiet_known_noise', 'close_matches',
+           'did_you_mean']
 
 # %% ../nbs/00_core.ipynb #790a4781
 def fmt_bytes(n:float, # a number of bytes
@@ -126,3 +127,36 @@ def cache_dir() -> Path:
     d = Path(os.environ.get("LOWBUDGET_FT_CACHE") or Path.home()/".cache"/"lowbudget_ft")
     d.mkdir(parents=True, exist_ok=True)
     return d
+
+# %% ../nbs/00_core.ipynb #98bb2ee8
+_KNOWN_WARNINGS = [(FutureWarning, r"`(gradient_checkpointing_enable|is_gradient_checkpointing)` is deprecated"),
+                   (UserWarning, r"Paged optimizers are not supported on CPU")]
+_KNOWN_LOGS = {"bitsandbytes.backends.cpu.ops": "Failed to load CPU gemm_4bit_forward"}
+
+class _DropMessage(logging.Filter):
+    "A logging filter that drops records whose message starts with `text`."
+    def __init__(self, text:str): super().__init__(); self.text = text
+    def filter(self, record) -> bool: return not str(record.msg).startswith(self.text)
+
+@functools.lru_cache(maxsize=None)
+def quiet_known_noise():
+    "Silence the known-harmless warnings of transformers, peft and bitsandbytes (once per process); others still show."
+    for category, message in _KNOWN_WARNINGS: warnings.filterwarnings("ignore", message=message, category=category)
+    for name, text in _KNOWN_LOGS.items():
+        log = logging.getLogger(name)
+        if not any(getattr(f, "text", None) == text for f in log.filters): log.addFilter(_DropMessage(text))
+
+# %% ../nbs/00_core.ipynb #5f7bd3e8
+def close_matches(name, # what the user typed
+                  options, # the valid names
+                  n:int=1, # how many suggestions at most
+                  cutoff:float=0.5, # how alike (0-1) a suggestion must be
+                 ) -> list:
+    "The valid names closest to `name`, best first."
+    import difflib
+    return difflib.get_close_matches(str(name), [str(o) for o in options], n=n, cutoff=cutoff)
+
+def did_you_mean(name, options) -> str:
+    "` Did you mean 'x'?` when one of `options` is close to `name`, else ''."
+    m = close_matches(name, options)
+    return f" Did you mean {m[0]!r}?" if m else ""

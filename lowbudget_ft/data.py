@@ -4,7 +4,8 @@
 
 # %% ../nbs/07_data.ipynb #5fa5fbb2
 from __future__ import annotations
-import copy, csv, difflib, io, json, math, re, warnings
+import copy, csv, io, json, math, re, warnings
+from .core import close_matches, did_you_mean
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,7 +43,8 @@ def format_prompt(prompt:str, # the input text, e.g. one complaint
                   template:str|None=None, # a plain template with `{input}` (and `{instruction}`); None = `DEFAULT_TEMPLATE`
                  ) -> str:
     "The prompt string for one example -- identical for training and for generation."
-    prompt = "" if prompt is None else str(prompt)
+    prompt = "" if prompt is None else str(prompt).strip()  # a cell's surrounding spaces are not part of the text
+    instruction = instruction.strip() if isinstance(instruction, str) else instruction
     if template is None and _has_chat_template(tokenizer):
         content = f"{instruction}\n\n{prompt}" if instruction and prompt else (instruction or prompt)
         return format_messages([{"role": "user", "content": content}], tokenizer)
@@ -56,11 +58,6 @@ def format_prompt(prompt:str, # the input text, e.g. one complaint
 # %% ../nbs/07_data.ipynb #2739aec9
 _READERS = {".csv": "csv", ".tsv": "csv", ".txt": "csv", ".xlsx": "excel", ".xlsm": "excel", ".xls": "excel",
             ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".parquet": "parquet", ".pq": "parquet"}
-
-def _closest(name, options) -> str:
-    "` Did you mean 'x'?` when something in `options` is close to `name`, else ''."
-    m = difflib.get_close_matches(str(name), [str(o) for o in options], n=1, cutoff=0.5)
-    return f" Did you mean {m[0]!r}?" if m else ""
 
 def _decode(path:Path, encoding:str|None) -> str:
     "The text of `path`, as UTF-8 (BOM allowed) or `encoding`, with a clear error when it does not decode."
@@ -92,7 +89,7 @@ def _read_excel(path:Path, sheet):
                 raise ValueError(f"{path.name} has no sheet number {sheet} (it has {len(names)}: {', '.join(names)}); pass sheet= one of those names or 0..{len(names)-1}")
             sheet = names[sheet]
         elif sheet not in names:
-            raise ValueError(f"{path.name} has no sheet {sheet!r}; its sheets are: {', '.join(names)}.{_closest(sheet, names)} Pass sheet= one of those")
+            raise ValueError(f"{path.name} has no sheet {sheet!r}; its sheets are: {', '.join(names)}.{did_you_mean(sheet, names)} Pass sheet= one of those")
         df = xl.parse(sheet)
     df.attrs["sheet"] = sheet
     return df
@@ -135,7 +132,7 @@ def read_table(source, # a path (.csv .tsv .xlsx .jsonl .json .parquet), a DataF
         if sheet is None and len(splits) == 1: sheet = splits[0]
         if sheet not in source:
             raise ValueError(f"the DatasetDict has splits {', '.join(splits)}; choose one with sheet={splits[0]!r}" if sheet is None
-                             else f"the DatasetDict has no split {sheet!r}; its splits are: {', '.join(splits)}.{_closest(sheet, splits)}")
+                             else f"the DatasetDict has no split {sheet!r}; its splits are: {', '.join(splits)}.{did_you_mean(sheet, splits)}")
         df = source[sheet].to_pandas()
     elif type(source).__name__ in ("Dataset", "IterableDataset") and hasattr(source, "to_pandas"): df = source.to_pandas()
     elif isinstance(source, (str, Path)):
@@ -163,8 +160,8 @@ def _check_column(df, col, param:str):
     "Raise a clear error when `col` is not a column of `df`, listing the columns and the closest name."
     if col in df.columns: return
     cols = [str(c) for c in df.columns]
-    hint = _closest(col, cols)
-    fix = f" Pass {param}={difflib.get_close_matches(str(col), cols, n=1, cutoff=0.5)[0]!r}." if hint else f" Pass {param}= one of them."
+    hint = did_you_mean(col, cols)
+    fix = f" Pass {param}={close_matches(col, cols)[0]!r}." if hint else f" Pass {param}= one of them."
     raise ValueError(f"{df.attrs.get('source_name', 'the table')} has no column {col!r} (for {param}=); its columns are: {', '.join(cols)}.{hint}{fix}")
 
 def _is_missing(v) -> bool:
@@ -279,8 +276,8 @@ def _prepare_table(df, tokenizer, prompt, response, instruction, messages, max_s
 # %% ../nbs/07_data.ipynb #8f6b39c6
 def prepare_dataset(data, # a path (.csv .xlsx .jsonl .json .parquet), DataFrame, `Dataset` or `DatasetDict`
                     tokenizer, # the model's tokenizer (its chat template is used when it has one)
-                    prompt:str="prompt", # column with the input text
-                    response:str="response", # column with the answer to train on
+                    prompt:str="complaint", # column with the input text
+                    response:str="category", # column with the answer to train on
                     instruction:str|None=None, # a column name (per-row instruction) or else one fixed text for every row
                     messages:str|None=None, # column of chat conversations; replaces prompt/response/instruction
                     max_seq_len:int|None=512, # longest example in tokens (prompt cut, answer kept); None = no limit

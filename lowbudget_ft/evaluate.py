@@ -159,8 +159,7 @@ def _plot_confusion(self:LabelReport, ax=None):
             ax.text(j, i, int(m.iat[i, j]), ha="center", va="center", color="white" if m.iat[i, j] > hi / 2 else "black")
     ax.set_title(f"accuracy {self.accuracy:.1%}, {self.unparsed} unparsed")
     fig.tight_layout()
-    plt.close(fig)  # shown by the notebook when returned, not twice
-    return fig
+    return fig  # left open, like every plot here: `fig = report.plot_confusion()` shows it in a notebook
 
 def _label_md(self:LabelReport) -> str:
     pc = self.per_class()
@@ -181,27 +180,25 @@ def label_report(answers:list, # generated answers
     return LabelReport(list(labels), list(truth), [parse_label(a, labels) for a in answers], list(answers))
 
 # %% ../nbs/13_evaluate.ipynb #e2407aba
-def _check_data_column(df, col:str, what:str):
-    "Raise when `col` is not a column of `df`, listing the columns."
-    if col not in df.columns: raise ValueError(f"{what} column {col!r} is not in the data; its columns are {list(map(str, df.columns))}: pass {what}= one of them.")
-
 def evaluate_labels(model, # a causal LM or `PeftModel`
                     tokenizer, # its tokenizer
-                    data, # a DataFrame (or table path) with the prompt and label columns
-                    prompt:str="prompt", # column with the input text
-                    label:str="label", # column with the true label
-                    labels:list|None=None, # the label set; None = the distinct values of the label column
+                    data, # a DataFrame (or table path) with the prompt and response columns
+                    prompt:str="complaint", # column with the input text (as in training)
+                    response:str="category", # column with the true label (the answer trained on)
+                    labels:list|None=None, # the label set; None = the distinct values of the response column
                     instruction:str|None=None, # the same instruction as in training
                     max_new_tokens:int=16, # longest answer
                     batch_size:int=32, # prompts per forward pass
+                    template:str|None=None, # the same prompt template as in training (None = chat or default)
+                    sheet:str|int|None=None, # Excel sheet name/index, when `data` is a workbook
                    ) -> LabelReport:
-    "Generate an answer for every row and score it against the label column."
-    from lowbudget_ft.data import read_table
-    df = read_table(data)
-    for col, what in ((prompt, "prompt"), (label, "label")): _check_data_column(df, col, what)
+    "Generate an answer for every row -- prompted exactly as in training -- and score it against the response column."
+    from lowbudget_ft.data import read_table, _check_column
+    df = read_table(data, sheet=sheet)
+    for col, what in ((prompt, "prompt"), (response, "response")): _check_column(df, col, what)
     answers = generate(model, tokenizer, [str(p) for p in df[prompt]], instruction=instruction,
-                       max_new_tokens=max_new_tokens, batch_size=batch_size)
-    return label_report(answers, [str(t) for t in df[label]], labels)
+                       max_new_tokens=max_new_tokens, batch_size=batch_size, template=template)
+    return label_report(answers, [str(t).strip() for t in df[response]], labels)
 
 # %% ../nbs/13_evaluate.ipynb #ae24e0f5
 @dataclass
@@ -264,8 +261,8 @@ class LossReport:
 def eval_loss(model, # a causal LM or `PeftModel`
               tokenizer, # its tokenizer
               data, # examples from `prepare_dataset`, or a table (path / DataFrame / Dataset) to prepare
-              prompt:str="prompt", # column with the input text (tables only)
-              response:str="response", # column with the answer (tables only)
+              prompt:str="complaint", # column with the input text (tables only)
+              response:str="category", # column with the answer (tables only)
               instruction:str|None=None, # the same instruction as in training
               template:str|None=None, # the same template as in training
               batch_size:int=8, # examples per forward pass

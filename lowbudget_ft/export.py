@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from .core import compute_dtype, gpu_info
 from .evaluate import LabelReport, LossReport, _md_table, _peft_or_fail
+from .checkpoints import _publish  # one way to put a finished folder in place: a rename, never half-written
 
 # %% auto #0
 __all__ = ['MERGE_TOL', 'CHECK_PROMPTS', 'write_model_card', 'export_adapter', 'push_adapter', 'MergeReport', 'check_merge',
@@ -53,11 +54,6 @@ def _check_out_dir(out:Path, overwrite:bool, what:str="out_dir"):
     if out.exists() and not out.is_dir(): raise ValueError(f"{what} {out} is a file, not a folder: choose a folder path.")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise ValueError(f"{what} {out} exists and is not empty: choose a new folder or pass overwrite=True to replace it.")
-
-def _publish(tmp:Path, out:Path):
-    "Move the finished folder `tmp` to `out` (replacing it)."
-    if out.exists(): shutil.rmtree(out)
-    os.replace(tmp, out)
 
 def export_adapter(model, # the trained `PeftModel`
                    tokenizer, # its tokenizer

@@ -4,9 +4,9 @@
 
 # %% ../nbs/05_loading.ipynb #58a5923d
 from __future__ import annotations
-import os
+import contextlib, os
 from pathlib import Path
-from .core import gpu_info, compute_dtype
+from .core import gpu_info, compute_dtype, in_ci, in_nbdev_test, quiet_known_noise
 
 # %% auto #0
 __all__ = ['quant_config', 'resolve_model', 'load_tokenizer', 'load_model']
@@ -34,6 +34,9 @@ def resolve_model(name:str|Path, # a local model directory or a Hugging Face Hub
                  ) -> str:
     "Check that `name` is an existing local model directory or a well-formed hub id; return it as a string."
     name = str(name)
+    if name == "tiny":  # the library's offline tiny model, built and cached on first use
+        from lowbudget_ft.tiny import tiny_model_path
+        return str(tiny_model_path())
     p = Path(name).expanduser()
     if p.is_dir():
         if not (p/needs).exists(): raise FileNotFoundError(f"{p} has no {needs}: pass a directory written by save_pretrained (or a hub id like 'Qwen/Qwen2.5-0.5B').")
@@ -59,6 +62,16 @@ def _device_map():
     info = gpu_info()
     return {"": int(os.environ.get("LOCAL_RANK", 0))} if info.is_cuda else "cpu"
 
+@contextlib.contextmanager
+def _no_bar_in_docs():
+    "No 'Loading weights' progress bar while tests or the docs build run notebooks (saved, it is a dead widget)."
+    from transformers.utils import logging as tlog
+    on = tlog.is_progress_bar_enabled() and (in_nbdev_test() or in_ci())
+    if on: tlog.disable_progress_bar()
+    try: yield
+    finally:
+        if on: tlog.enable_progress_bar()
+
 def _keep_training_layout(model):
     "Switch off bitsandbytes' repacking of 4-bit weights for CPU inference (AVX512-BF16): training would inherit it."
     for m in model.modules():
@@ -82,7 +95,9 @@ def load_model(name:str|Path, # local model directory or hub id
         check_fits(name, gpu=gpu, method="qlora" if bits < 16 else "lora",
                    bits=bits, double_quant=double_quant, **(plan_kwargs or {}))
     dtype = dtype or compute_dtype()
-    model = AutoModelForCausalLM.from_pretrained(name, quantization_config=quant_config(bits, double_quant, dtype),
-                                                 dtype=dtype, device_map=kwargs.pop("device_map", _device_map()), **kwargs)
+    quiet_known_noise()
+    with _no_bar_in_docs():
+        model = AutoModelForCausalLM.from_pretrained(name, quantization_config=quant_config(bits, double_quant, dtype),
+                                                     dtype=dtype, device_map=kwargs.pop("device_map", _device_map()), **kwargs)
     _keep_training_layout(model)
     return model, load_tokenizer(name)

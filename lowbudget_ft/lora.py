@@ -5,6 +5,7 @@
 # %% ../nbs/06_lora.ipynb #43886f34
 from __future__ import annotations
 from dataclasses import dataclass
+from .core import quiet_known_noise
 
 # %% auto #0
 __all__ = ['add_lora', 'TrainableReport', 'trainable_report']
@@ -19,8 +20,8 @@ def _module_name(model, module) -> str:
     return next(n for n, m in model.named_modules() if m is module).split(".")[-1]
 
 def add_lora(model, # a causal LM, quantised or not
-             r:int=16, # LoRA rank
-             alpha:int|None=None, # LoRA scaling numerator; `None` uses 2·r
+             rank:int=16, # LoRA rank (peft's `r`)
+             alpha:int|None=None, # LoRA scaling numerator (peft's `lora_alpha`); `None` uses 2·rank
              dropout:float=0.05, # dropout on the LoRA input
              targets:str|list="all-linear", # module names to adapt, or "all-linear" (every linear but the head)
              gradient_checkpointing:bool=True, # recompute activations in the backward pass to save memory
@@ -29,7 +30,9 @@ def add_lora(model, # a causal LM, quantised or not
             ):
     "Wrap `model` in a peft `PeftModel` with LoRA adapters, ready for training."
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    if r < 1: raise ValueError(f"r={r} is not a valid LoRA rank: use a positive integer such as 8, 16 or 64.")
+    quiet_known_noise()
+    if not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"rank={rank!r} is not a valid LoRA rank: use a positive integer such as 8, 16 or 64.")
     ckpt = dict(gradient_checkpointing_kwargs={"use_reentrant": False})
     if _is_quantized(model): model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing, **ckpt)
     elif gradient_checkpointing:
@@ -37,7 +40,7 @@ def add_lora(model, # a causal LM, quantised or not
         model.enable_input_require_grads()
     model.config.use_cache = False  # the KV cache is useless in training and conflicts with checkpointing
     full = [_module_name(model, model.get_output_embeddings())] * train_head + [_module_name(model, model.get_input_embeddings())] * train_embeddings
-    cfg = LoraConfig(r=r, lora_alpha=alpha or 2 * r, lora_dropout=dropout, target_modules=targets,
+    cfg = LoraConfig(r=rank, lora_alpha=alpha or 2 * rank, lora_dropout=dropout, target_modules=targets,
                      task_type="CAUSAL_LM", modules_to_save=full or None)
     return get_peft_model(model, cfg)
 

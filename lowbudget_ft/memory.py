@@ -4,10 +4,10 @@
 
 # %% ../nbs/04_memory.ipynb #12df864c
 from __future__ import annotations
-import difflib, functools, json, math, os
+import functools, json, math, os
 from dataclasses import dataclass, field
 from pathlib import Path
-from .core import fmt_bytes
+from .core import close_matches, fmt_bytes
 
 # %% auto #0
 __all__ = ['PRESETS', 'GPUS', 'OPTIMIZERS', 'METHODS', 'CUDA_CONTEXT', 'resolve_gpu', 'model_config', 'Arch', 'architecture',
@@ -48,7 +48,7 @@ GPUS = {  # card name -> bytes usable by PyTorch
 }
 
 # %% ../nbs/04_memory.ipynb #04442b6f
-def _close(name, choices): return ", ".join(difflib.get_close_matches(str(name), list(choices), n=4, cutoff=0.3)) or "none"
+def _close(name, choices): return ", ".join(close_matches(name, choices, n=4, cutoff=0.3)) or "none"
 
 def resolve_gpu(gpu:str|None=None, # card name ("T4", "a100-80", "RTX 4090"), or None for the detected device
                ) -> tuple[str, int, bool]:
@@ -62,10 +62,24 @@ def resolve_gpu(gpu:str|None=None, # card name ("T4", "a100-80", "RTX 4090"), or
     return key, GPUS[key], True
 
 # %% ../nbs/04_memory.ipynb #6f9e229d
+_ALIASES = {"smollm2": "HuggingFaceTB/SmolLM2-135M"}  # the library's offline model names (see `models`)
+_VARIANTS = ("-instruct", "-chat", "-it", "-hf", "-base")  # fine-tuned variants keep their base's architecture
+
+def _arch_name(name) -> str:
+    "A hub id reduced to its architecture's name: no organisation, no `meta-` prefix, no -Instruct/-Chat/-it/-hf suffix."
+    low = str(name).lower().rstrip("/").split("/")[-1].removeprefix("meta-")
+    while low.endswith(_VARIANTS): low = low[:low.rindex("-")]
+    return low
+
 def _preset_key(name):
+    "The preset of `name`: its own, or that of the base model it is a chat/instruct variant of."
+    name = _ALIASES.get(str(name).lower(), name)
     low = str(name).lower()
     for k in PRESETS:
         if low in (k.lower(), k.split("/")[-1].lower()): return k
+    if Path(str(name)).expanduser().exists(): return None  # a local folder is read, never guessed
+    for k in PRESETS:
+        if _arch_name(name) == _arch_name(k): return k
 
 def model_config(model, # preset name, local path, hub id, or a `PretrainedConfig`
                ):
@@ -73,6 +87,9 @@ def model_config(model, # preset name, local path, hub id, or a `PretrainedConfi
     from transformers import AutoConfig, PretrainedConfig
     if isinstance(model, PretrainedConfig): return model
     if not isinstance(model, (str, Path)): raise ValueError(f"model={model!r}: pass a preset name, a path, a hub id or a PretrainedConfig")
+    if str(model) == "tiny":
+        from lowbudget_ft.tiny import TINY_CONFIG, TINY_VOCAB
+        return AutoConfig.for_model("llama", vocab_size=TINY_VOCAB, **TINY_CONFIG)
     key = _preset_key(model)
     if key:
         fields = {k: v for k, v in PRESETS[key].items() if k != "params"}

@@ -7,7 +7,7 @@ from __future__ import annotations
 import contextlib, functools, json, math, shutil, time
 from dataclasses import dataclass, field
 from pathlib import Path
-from .core import gpu_info, memory_stats, reset_peak, fmt_bytes
+from .core import gpu_info, memory_stats, reset_peak, fmt_bytes, quiet_known_noise
 from .config import RunConfig, save_config, _replace
 from .checkpoints import (_MARK, _STAGING, _NanGuard, _OomBackoff, _SafeCheckpoints, _latest_checkpoint, _say,
                                       SaveEveryMinutes)
@@ -22,6 +22,7 @@ def training_args(cfg:RunConfig, # the run
                  ):
     "`TrainingArguments` for `cfg` on this machine."
     from transformers import TrainingArguments
+    quiet_known_noise()  # bitsandbytes' paged-optimizer note on the CPU
     info = gpu_info()
     a = dict(output_dir=cfg.output_dir, per_device_train_batch_size=cfg.batch_size, per_device_eval_batch_size=cfg.batch_size,
              gradient_accumulation_steps=cfg.grad_accum, learning_rate=cfg.lr, num_train_epochs=cfg.epochs,
@@ -152,7 +153,7 @@ def load_for_config(cfg:RunConfig, # the run
     from lowbudget_ft.lora import add_lora
     model, tokenizer = load_model(model_path(cfg.model), bits=cfg.bits, double_quant=cfg.double_quant, check_fit=check_fit,
                                   plan_kwargs=dict(rank=cfg.rank, batch_size=cfg.batch_size, seq_len=cfg.max_seq_len))
-    model = add_lora(model, r=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout, targets=cfg.targets,
+    model = add_lora(model, rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout, targets=cfg.targets,
                      gradient_checkpointing=cfg.gradient_checkpointing, train_head=cfg.train_head,
                      train_embeddings=cfg.train_embeddings)
     return model, tokenizer

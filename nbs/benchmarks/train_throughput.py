@@ -49,7 +49,7 @@ def main(examples=256, batch_size=8, max_seq_len=512, repeats=2, threads=1):
     warnings.simplefilter("ignore"); datasets.disable_progress_bars()
     torch.set_num_threads(threads)
     model, tok = load_model(tiny_model_path())
-    model = add_lora(model, r=16, dropout=0.0)
+    model = add_lora(model, rank=16, dropout=0.0)
     ds = prepare_dataset(load_complaints("train").head(examples), tok, prompt="complaint", response="category", max_seq_len=max_seq_len)
     useful = sum(len(x) for x in ds["input_ids"])
     a, b, c = check_packing(model, tok, ds)
