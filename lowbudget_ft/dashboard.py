@@ -94,14 +94,17 @@ def _series(rows:list, key:str, scale:float=1.0) -> tuple:
 
 class Plotter:
     "A figure kept between redraws whose lines are updated in place (a new figure and its ticks cost most of a redraw)."
-    def __init__(self, dpi:int=72): # resolution of the PNG
+    width = 900  # CSS pixels the picture is shown at: 9 inches at 100 dpi
+    def __init__(self, dpi:int=100): # resolution of the live PNG; `render(dpi=...)` draws a sharper one
         from matplotlib.figure import Figure
         from matplotlib.backends.backend_agg import FigureCanvasAgg
-        self.fig = Figure(figsize=(10, 3.2), dpi=dpi)
+        from matplotlib.ticker import MaxNLocator
+        from matplotlib.transforms import ScaledTranslation
+        self.fig = Figure(figsize=(self.width / 100, 3.4), dpi=dpi)
         FigureCanvasAgg(self.fig)
-        self.ax_loss, self.ax_mem = self.fig.subplots(1, 2)
-        line = lambda ax, fmt, **kw: ax.plot([], [], fmt, lw=1.2, **kw)[0]
-        self.lines = dict(loss=line(self.ax_loss, "-", color="C0", label="train loss"),
+        self.ax_loss, self.ax_mem = self.fig.subplots(1, 2, width_ratios=[1, 1.2])  # memory's legend has up to 5 entries
+        line = lambda ax, fmt, **kw: ax.plot([], [], fmt, lw=1.4, **kw)[0]
+        self.lines = dict(loss=line(self.ax_loss, "-", color="C0", label="train loss (mean per log)"),
                           eval_loss=line(self.ax_loss, "o-", color="C1", ms=4, label="eval loss"),
                           allocated=line(self.ax_mem, "-", color="C0", label="allocated"),
                           reserved=line(self.ax_mem, "-", color="C2", label="reserved"),
@@ -110,8 +113,20 @@ class Plotter:
         self.plan = self.ax_mem.axhline(0, color="C1", ls="-.", lw=1.2)
         self.ax_loss.set(title="loss", xlabel="step")
         self.ax_mem.set(title="memory (GiB)", xlabel="step")
-        for ax in (self.ax_loss, self.ax_mem): ax.grid(alpha=0.3)
-        self.title = self.fig.suptitle("", fontsize=10)
+        for ax in (self.ax_loss, self.ax_mem): ax.grid(alpha=0.3); ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        self.waiting = self.ax_loss.text(0.5, 0.5, "waiting for the first logged loss", transform=self.ax_loss.transAxes,
+                                         ha="center", va="center", color="0.4", fontsize=11)
+        self.title = self.fig.suptitle("", fontsize=11)
+        # each legend hangs a fixed 0.48 inch below its panel (under the tick labels and "step"), never over a line
+        self._below = {ax: ax.transAxes + ScaledTranslation(0, -0.48, self.fig.dpi_scale_trans) for ax in (self.ax_loss, self.ax_mem)}
+
+    def _legend(self, ax):
+        "The legend of the lines `ax` shows, in rows of three under the panel."
+        shown = [l for l in ax.get_lines() if l.get_visible() and len(l.get_xdata())]
+        if ax.get_legend(): ax.get_legend().remove()
+        if len(shown) > 3: shown = [shown[i] for i in (0, 3, 1, 4, 2) if i < len(shown)]  # columns fill first
+        if shown: ax.legend(handles=shown, fontsize=9, loc="upper center", bbox_to_anchor=(0.5, 0), ncol=3, frameon=False,
+                            bbox_transform=self._below[ax], handlelength=1.5, columnspacing=0.9, borderaxespad=0)
 
     def render(self,
                history:list, # rows as in `Dashboard.history`
@@ -119,6 +134,7 @@ class Plotter:
                predicted_peak:int|None=None, # the planner's predicted peak in bytes, drawn as an orange line
                title:str|None=None, # optional figure title
                max_points:int=300, # thin each series to about this many points
+               dpi:int|None=None, # resolution of this PNG; `None`: the figure's
               ) -> bytes:
         "The loss and memory plots of `history` as PNG bytes."
         for key, ln in self.lines.items():
@@ -128,26 +144,28 @@ class Plotter:
         for ln, v, name in ((self.limit, gpu_limit, "card limit"), (self.plan, predicted_peak, "planned peak")):
             ln.set_visible(bool(v))
             if v: ln.set_ydata([v / _GiB] * 2); ln.set_label(f"{name} {fmt_bytes(v)}")
+        has_loss = any(len(self.lines[k].get_xdata()) for k in ("loss", "eval_loss"))
+        self.waiting.set_visible(not has_loss)  # no empty axes with meaningless ticks before the first log
+        self.ax_loss.tick_params(left=has_loss, bottom=has_loss, labelleft=has_loss, labelbottom=has_loss)
+        self.ax_loss.grid(has_loss, alpha=0.3) if has_loss else self.ax_loss.grid(False)
         for ax in (self.ax_loss, self.ax_mem):
             ax.relim(visible_only=True); ax.autoscale_view()
-            shown = [l for l in ax.get_lines() if l.get_visible() and len(l.get_xdata())]
-            if ax.get_legend(): ax.get_legend().remove()
-            if shown: ax.legend(handles=shown, fontsize=8, loc="upper right")  # "best" is slow
+            self._legend(ax)
         self.ax_mem.set_ylim(0, max(self.ax_mem.dataLim.y1 * 1.08, 1e-3))  # explicit: set_ylim turns y-autoscale off
         self.title.set_text(title or "")
-        self.fig.subplots_adjust(left=0.06, right=0.99, bottom=0.15, top=0.84 if title else 0.9, wspace=0.18)
+        self.fig.subplots_adjust(left=0.055, right=0.985, bottom=0.33, top=0.84 if title else 0.9, wspace=0.15)
         buf = io.BytesIO()
-        self.fig.savefig(buf, format="png", pil_kwargs={"compress_level": 1})
+        self.fig.savefig(buf, format="png", dpi=dpi or self.fig.dpi, pil_kwargs={"compress_level": 1})
         return buf.getvalue()
 
 def render_png(history:list, # rows as in `Dashboard.history`
                gpu_limit:int|None=None, # the card's usable memory in bytes, drawn as a red line
                predicted_peak:int|None=None, # the planner's predicted peak in bytes, drawn as an orange line
                title:str|None=None, # optional figure title
-               dpi:int=72, # resolution of the PNG
+               dpi:int=150, # resolution of the PNG (the final dashboard's; the live one is 100)
               ) -> bytes:
     "The loss and memory plots of `history` as PNG bytes (matplotlib Agg, no pyplot)."
-    return Plotter(dpi).render(history, gpu_limit, predicted_peak, title)
+    return Plotter().render(history, gpu_limit, predicted_peak, title, dpi=dpi)
 
 # %% ../nbs/10_dashboard.ipynb #b6aa583d
 class QuietView:
@@ -170,6 +188,13 @@ def _gauge_html(label:str, value:int|None, total:int|None) -> str:
     pct = f" ({100 * value / total:.0f}%)" if total else ""
     return f"<code>{label:<9}</code> {fmt_bytes(value)}{pct}"
 
+_WIDGET_MIME = "application/vnd.jupyter.widget-view+json"
+
+def _widget_data(w) -> dict:
+    "The display data of widget `w`, published raw so that it carries a display id under ipywidgets 7 and 8."
+    return {"text/plain": "Training dashboard (a live widget: it needs the running kernel)",
+            _WIDGET_MIME: {"version_major": 2, "version_minor": 0, "model_id": w.model_id}}
+
 class WidgetView(QuietView):
     "One cell output of core ipywidgets: header, progress bar, plot image, memory gauge and notes."
     def __init__(self, show:bool=True): self.show, self.handle, self.box = show, None, None
@@ -179,17 +204,19 @@ class WidgetView(QuietView):
         if self.box is not None: return
         import ipywidgets as W
         self.header, self.notes = W.HTML(), W.HTML()
-        self.bar = W.IntProgress(min=0, max=max(dash.max_steps, 1), value=dash.step, layout=W.Layout(width="40%"))
-        self.image = W.Image(format="png")
+        self.bar = W.IntProgress(min=0, max=max(dash.max_steps, 1), value=dash.step, layout=W.Layout(width="100%", max_width=f"{Plotter.width}px"))
+        self.image = W.Image(format="png", layout=W.Layout(width="100%", max_width=f"{Plotter.width}px", height="auto"))
         self.gauges = {k: W.FloatProgress(min=0.0, max=1.0, layout=W.Layout(width="35%"))
                        for k in ("allocated", "reserved", "peak")}
         self.gauge_labels = {k: W.HTML() for k in self.gauges}
         self.total_label = W.HTML()
         rows = [W.HBox([self.gauges[k], self.gauge_labels[k]]) for k in self.gauges]
-        self.box = W.VBox([W.HBox([self.bar, self.header]), self.image, *rows, self.total_label, self.notes])
+        self.box = W.VBox([self.header, self.bar, self.image, *rows, self.total_label, self.notes])
         if self.show:
             from IPython.display import display
-            self.handle = display(self.box, display_id=True)
+            # not display(self.box, display_id=True): ipywidgets 7 displays itself through `_ipython_display_`, which
+            # drops the display id, so the update in `end` would match no output and the picture would never appear
+            self.handle = display(_widget_data(self.box), raw=True, display_id=True)
 
     def text(self, dash, final:bool=False):
         "Update the header, the progress bar and the memory gauge."
@@ -214,7 +241,7 @@ class WidgetView(QuietView):
         if self.box is None: return
         if self.show:
             from IPython.display import HTML, Image, display
-            self.handle.update(Image(data=dash.summary_png, format="png"))
+            self.handle.update(Image(data=dash.summary_png, format="png", width=Plotter.width))
             display(HTML(dash.summary_html))
         for w in self._all(self.box): w.close()
         self.box = None
@@ -287,23 +314,32 @@ class _History:
 # %% ../nbs/10_dashboard.ipynb #585f4f20
 class _Display:
     "The header, console line, notes, summary and plot of a dashboard."
+    png_dpi = 150  # resolution of the final picture (the live one is 100 dpi): crisp, shown at `Plotter.width` pixels
+
+    def _loss_steps(self) -> tuple:
+        "(last logged train loss, first and last step it averages), or `(None, None, None)`."
+        rows = [r for r in self.history if r.get("loss") is not None][-2:]
+        if not rows: return None, None, None
+        return rows[-1]["loss"], (rows[0]["step"] + 1 if len(rows) == 2 else 1), rows[-1]["step"]
+
     def _status_parts(self) -> list:
         tps, sps = self._rates()
         eta = (self.max_steps - self.step) * sps if sps and self.max_steps else None
-        parts = [f"step {self.step}/{self.max_steps}", f"loss {_num(self._last('loss'), '.4f')}"]
+        loss, _, at = self._loss_steps()
+        parts = [f"step {self.step}/{self.max_steps}", f"loss {_num(loss, '.4f')}" + (f" (step {at})" if at not in (None, self.step) else "")]
         if (ev := self._last("eval_loss")) is not None: parts.append(f"eval {ev:.4f}")
         parts += [f"lr {_num(self._last('learning_rate'), '.2e')}", f"{_num(tps, ',.0f')} tok/s"]
         if self.last_memory.get("peak") is not None: parts.append(f"peak {fmt_bytes(self.last_memory['peak'])}")
         return parts + [f"{fmt_duration(self.elapsed)} elapsed", f"ETA {fmt_duration(eta)}"]
 
     def status_line(self) -> str:
-        "One compact line: step, loss, eval loss, learning rate, tokens/s, peak memory, elapsed, ETA."
+        "One compact line: step, loss (with its step when older), eval loss, learning rate, tokens/s, peak memory, elapsed, ETA."
         return " | ".join(self._status_parts())
 
     def header_html(self) -> str:
-        "The header as HTML: the facts of `status_line`, step and loss in bold."
-        p = [html.escape(s) for s in self._status_parts()]
-        return f"<b>{p[0]}</b> &nbsp; <b>{p[1]}</b> &nbsp; " + " &nbsp;|&nbsp; ".join(p[2:])
+        "The header as HTML: the facts of `status_line`, step and loss in bold; a line breaks only between facts."
+        p = [f"<span style='white-space:nowrap'>{html.escape(s)}</span>" for s in self._status_parts()]
+        return f"<b>{p[0]}</b> &nbsp; <b>{p[1]}</b> &nbsp; " + " &nbsp;| ".join(p[2:])
 
     def notes_html(self, last:int=5) -> str:
         "The last few notes as an HTML list."
@@ -312,11 +348,13 @@ class _Display:
 
     @property
     def summary_html(self) -> str:
-        "An HTML summary of the run: steps, losses, time, tokens/s, memory, notes."
+        "An HTML summary of the run: steps, the last logged loss and what it averages, time, tokens/s, memory, notes."
         tokens = [r["tokens_per_s"] for r in self.history if r.get("tokens_per_s")]
         evals = [r["eval_loss"] for r in self.history if r.get("eval_loss") is not None]
         peak = max((r["peak"] for r in self.history if r.get("peak") is not None), default=None)
-        facts = [("steps", f"{self.step}/{self.max_steps}"), ("final train loss", _num(self._last("loss"), ".4f")),
+        loss, first, last = self._loss_steps()
+        span = "" if loss is None else f" <small>(mean of step {last})</small>" if first == last else f" <small>(mean of steps {first}–{last}, the last log)</small>"
+        facts = [("steps", f"{self.step}/{self.max_steps}"), ("train loss", _num(loss, ".4f") + span),
                  ("best eval loss", _num(min(evals) if evals else None, ".4f")),
                  ("training time", fmt_duration(self._last("time"))),
                  ("tokens/s (mean)", _num(sum(tokens) / len(tokens) if tokens else None, ",.0f")),
@@ -330,22 +368,22 @@ class _Display:
 
     @property
     def summary_png(self) -> bytes:
-        "PNG bytes of the loss and memory plots (rendered at the end of training, or now)."
-        if self._png is None: self._png = self._render()
+        "PNG bytes (at `png_dpi`) of the loss and memory plots, rendered at the end of training, or now."
+        if self._png is None: self._png = self._render(self.png_dpi)
         return self._png
 
-    def _render(self) -> bytes:
-        "Render the plot now, timing it for the plot throttle."
+    def _render(self, dpi:int|None=None) -> bytes:
+        "Render the plot now (live resolution unless `dpi`), timing it for the plot throttle."
         t = self.clock()
         if self._plotter is None: self._plotter = Plotter()
-        png = self._plotter.render(self.history, self.gpu_limit, self.predicted_peak)
+        png = self._plotter.render(self.history, self.gpu_limit, self.predicted_peak, dpi=dpi)
         self._plot.spent(self.clock() - t)
         self.renders["plot"] += 1
         return png
 
     def _repr_html_(self):
         img = base64.b64encode(self.summary_png).decode()
-        return self.summary_html + f"<img src='data:image/png;base64,{img}'/>"
+        return self.summary_html + f"<img src='data:image/png;base64,{img}' width='{Plotter.width}'/>"
 
 # %% ../nbs/10_dashboard.ipynb #b235b8d3
 def _main(state) -> bool: return getattr(state, "is_world_process_zero", True)
@@ -392,7 +430,7 @@ class _Events:
         r = self._row(state.global_step)
         for k in ("loss", "learning_rate", "eval_loss"):
             if logs.get(k) is not None: r[k] = logs[k]
-        if "loss" in logs and self.mode != "quiet": self._draw()
+        if "loss" in logs and self.mode != "quiet": self._draw(force=state.global_step >= self.max_steps > 0)  # the last loss is never stale
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
         if not _main(state): return
