@@ -237,7 +237,7 @@ def _diverged_message(what:str, value:float, step:int, args, last:str|None) -> s
 
 class _NanGuard:
     "Trainer mixin: stop at the first non-finite loss or gradient norm, before the optimizer step."
-    nan_patience, _skipped = 10, 0
+    nan_patience, _skipped, _loss_sum = 10, 0, None
 
     def _stop(self, what:str, value:float):
         msg = _diverged_message(what, value, self.state.global_step + 1, self.args, _latest_checkpoint(self.args.output_dir))
@@ -246,12 +246,17 @@ class _NanGuard:
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
-        if not math.isfinite(v := float(loss)): self._stop("loss", v)
+        s = loss.detach().float()  # summed on the device, no sync: one non-finite loss makes the sum non-finite
+        self._loss_sum = s if self._loss_sum is None else self._loss_sum + s
         return loss
 
     def _get_grad_norm(self, model, grad_norm=None):
+        import torch
         gn = super()._get_grad_norm(model, grad_norm=grad_norm)
-        v = float(gn) if gn is not None else 0.0
+        s, self._loss_sum = self._loss_sum, None
+        if s is not None and torch.is_tensor(gn): loss, v = torch.stack([s, gn.detach().float().to(s.device)]).tolist()  # the step's one sync
+        else: loss, v = float(s) if s is not None else 0.0, float(gn) if gn is not None else 0.0
+        if not math.isfinite(loss): self._stop("loss", loss)
         if math.isfinite(v): self._skipped = 0
         elif getattr(self.accelerator, "scaler", None) is not None and self._skipped < self.nan_patience: self._skipped += 1
         else: self._stop("gradient norm", v)

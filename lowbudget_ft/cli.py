@@ -223,8 +223,6 @@ def main(argv:list|None=None) -> int:
 
 def _entry(): sys.exit(main())
 
-if __name__ == "__main__" and "__file__" in globals(): _entry()  # `python -m lowbudget_ft.cli ...` (torchrun)
-
 # %% ../nbs/16_cli.ipynb #522edcbb
 def plan_command(argv:list[str]|None=None, # arguments after `lowbudget-ft plan`
                 ) -> int:
@@ -280,3 +278,6 @@ def train_command(argv:list|None=None, # arguments after `lowbudget-ft train`
         return 0
     print(f"lowbudget-ft train: {msg}", file=sys.stderr)
     return code
+
+# %% ../nbs/16_cli.ipynb #9b61f8ec
+if __name__ == "__main__" and "__file__" in globals(): _entry()  # `python -m lowbudget_ft.cli ...` (torchrun), after every command is defined

@@ -9,9 +9,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['fmt_bytes', 'GpuInfo', 'total_ram', 'gpu_info', 'compute_dtype', 'memory_stats', 'reset_peak', 'free_memory',
-           'in_notebook', 'in_colab', 'in_ci', 'in_nbdev_test', 'cache_dir', 'quiet_known_noise', 'close_matches',
-           'did_you_mean']
+__all__ = ['fmt_bytes', 'GpuInfo', 'total_ram', 'bf16_native', 'gpu_info', 'compute_dtype', 'memory_stats', 'reset_peak',
+           'free_memory', 'in_notebook', 'in_colab', 'in_ci', 'in_nbdev_test', 'cache_dir', 'quiet_known_noise',
+           'close_matches', 'did_you_mean']
 
 # %% ../nbs/00_core.ipynb #790a4781
 def fmt_bytes(n:float, # a number of bytes
@@ -42,6 +42,11 @@ def total_ram() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 # %% ../nbs/00_core.ipynb #c803237c
+def bf16_native(capability:tuple|None, # CUDA compute capability, e.g. (7, 5) on a T4; None on the CPU
+               ) -> bool:
+    "The one dtype rule: a CUDA card computes in bf16 natively from Ampere (capability 8.0) on, in fp16 before."
+    return capability is not None and tuple(capability) >= (8, 0)
+
 def gpu_info(device:int=0, # CUDA device index to describe
             ) -> GpuInfo:
     "Describe the training device; falls back to the CPU when there is no CUDA GPU."
@@ -49,16 +54,25 @@ def gpu_info(device:int=0, # CUDA device index to describe
     if not torch.cuda.is_available(): return GpuInfo("cpu", total_ram(), bf16=True)
     p = torch.cuda.get_device_properties(device)
     cap = (p.major, p.minor)
-    return GpuInfo(p.name, p.total_memory, cap, bf16=cap >= (8, 0), is_cuda=True, count=torch.cuda.device_count())
+    return GpuInfo(p.name, p.total_memory, cap, bf16=bf16_native(cap), is_cuda=True, count=torch.cuda.device_count())
 
 # %% ../nbs/00_core.ipynb #fbc5fadd
+_DTYPE_NAMES = dict(fp16="float16", float16="float16", bf16="bfloat16", bfloat16="bfloat16", fp32="float32", float32="float32")
+
 def compute_dtype(info:GpuInfo|None=None, # device to choose for; `None` detects it
+                  override=None, # "fp16", "bf16", "fp32" or a torch dtype; `None`: `$LOWBUDGET_FT_DTYPE` if set, else the rule
                  ):
-    "The dtype to compute in: bf16 on Ampere+, fp16 on older CUDA cards, float32 on the CPU."
+    "The dtype to compute in: bf16 on Ampere+ (capability ≥ 8.0), fp16 on older CUDA cards, float32 on the CPU."
     import torch
+    name = override if override is not None else os.environ.get("LOWBUDGET_FT_DTYPE") or None
+    if isinstance(name, torch.dtype): return name
+    if name is not None:
+        if str(name).lower() not in _DTYPE_NAMES:
+            raise ValueError(f"compute dtype {name!r} (LOWBUDGET_FT_DTYPE or override) is not one of fp16, bf16, fp32: pick one, or unset it to follow the card.")
+        return getattr(torch, _DTYPE_NAMES[str(name).lower()])
     info = info or gpu_info()
     if not info.is_cuda: return torch.float32
-    return torch.bfloat16 if info.bf16 else torch.float16
+    return torch.bfloat16 if bf16_native(info.capability) else torch.float16
 
 # %% ../nbs/00_core.ipynb #81cdfa9b
 def _rss_bytes() -> int:

@@ -4,7 +4,7 @@
 
 # %% ../nbs/14_export.ipynb #5dc3d874
 from __future__ import annotations
-import json, os, shutil, tempfile
+import json, shutil, tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from .core import compute_dtype, gpu_info

@@ -9,20 +9,22 @@ from pathlib import Path
 from .core import gpu_info, compute_dtype, in_ci, in_nbdev_test, quiet_known_noise
 
 # %% auto #0
-__all__ = ['quant_config', 'resolve_model', 'load_tokenizer', 'load_model']
+__all__ = ['quant_config', 'resolve_model', 'load_tokenizer', 'accelerate_config', 'load_model']
 
 # %% ../nbs/05_loading.ipynb #2e84b4c8
 def quant_config(bits:int=4, # 4 (NF4), 8 (LLM.int8) or 16 (no quantisation)
                  double_quant:bool=True, # also quantise the 4-bit scales (QLoRA's double quantisation)
                  dtype=None, # compute dtype; `None` picks it for the detected card
+                 quant_storage=None, # dtype the 4-bit weights are packed in; FSDP needs it equal to the other weights' dtype
                 ):
     "A `BitsAndBytesConfig` for `bits`, or `None` for 16-bit."
     from transformers import BitsAndBytesConfig
     if bits not in (4, 8, 16): raise ValueError(f"bits={bits!r} is not supported: use 4 (NF4), 8 (LLM.int8) or 16 (no quantisation).")
     if bits == 16: return None
     if bits == 8: return BitsAndBytesConfig(load_in_8bit=True)
+    extra = dict(bnb_4bit_quant_storage=quant_storage) if quant_storage is not None else {}
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=double_quant,
-                              bnb_4bit_compute_dtype=dtype or compute_dtype())
+                              bnb_4bit_compute_dtype=dtype or compute_dtype(), **extra)
 
 # %% ../nbs/05_loading.ipynb #ba0dcda5
 def _looks_local(name:str) -> bool:
@@ -57,6 +59,18 @@ def load_tokenizer(name:str|Path, # local directory or hub id
     return tok
 
 # %% ../nbs/05_loading.ipynb #c3d85b9b
+def _under_fsdp() -> bool:
+    "True in a process started by `accelerate launch` with an FSDP config."
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true")
+
+def accelerate_config(name:str="fsdp", # the shipped config: "fsdp" (QLoRA + FSDP, one machine)
+                     ) -> Path:
+    "Path of an `accelerate launch --config_file` shipped with lowbudget_ft."
+    from importlib.resources import files
+    p = Path(str(files("lowbudget_ft")/"data"/f"accelerate_{name}.yaml"))
+    if not p.exists(): raise FileNotFoundError(f"no accelerate config {name!r} shipped: use name='fsdp'.")
+    return p
+
 def _device_map():
     "Where to put the model: this process's GPU (one per process under DDP), or the CPU."
     info = gpu_info()
@@ -85,6 +99,7 @@ def load_model(name:str|Path, # local model directory or hub id
                check_fit:bool=True, # refuse, before downloading, a model that won't fit the card
                gpu:str|None=None, # plan against this card ("T4", "A100-40", ...) instead of the detected one
                plan_kwargs:dict|None=None, # training settings for the fit check (batch_size, seq_len, rank, ...)
+               fsdp:bool|None=None, # load for FSDP sharding (quant storage = compute dtype, no device_map); None: when `accelerate launch` runs FSDP
                **kwargs, # passed to `AutoModelForCausalLM.from_pretrained`
               ):
     "Load `(model, tokenizer)` quantised for training, after a memory pre-flight check."
@@ -95,9 +110,12 @@ def load_model(name:str|Path, # local model directory or hub id
         check_fits(name, gpu=gpu, method="qlora" if bits < 16 else "lora",
                    bits=bits, double_quant=double_quant, **(plan_kwargs or {}))
     dtype = dtype or compute_dtype()
+    if fsdp is None: fsdp = _under_fsdp()
+    if fsdp and bits == 8: raise ValueError("bits=8 can't be sharded with FSDP: use bits=4 (QLoRA + FSDP) or bits=16.")
+    q = quant_config(bits, double_quant, dtype, quant_storage=dtype if fsdp else None)
     quiet_known_noise()
     with _no_bar_in_docs():
-        model = AutoModelForCausalLM.from_pretrained(name, quantization_config=quant_config(bits, double_quant, dtype),
-                                                     dtype=dtype, device_map=kwargs.pop("device_map", _device_map()), **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(name, quantization_config=q, dtype=dtype,
+                                                     device_map=kwargs.pop("device_map", None if fsdp else _device_map()), **kwargs)
     _keep_training_layout(model)
     return model, load_tokenizer(name)

@@ -461,7 +461,8 @@ def measure(model, # local model directory (or a loaded causal LM)
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     cuda = torch.cuda.is_available()
-    dt = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if cuda else torch.float32
+    from lowbudget_ft.core import compute_dtype
+    dt = compute_dtype()  # the one rule: fp16 before Ampere, bf16 after, fp32 on the CPU (or LOWBUDGET_FT_DTYPE)
     q = None
     if method == "qlora":
         q = (BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=double_quant, bnb_4bit_compute_dtype=dt)

@@ -16,6 +16,13 @@ from .checkpoints import (_MARK, _STAGING, _NanGuard, _OomBackoff, _SafeCheckpoi
 __all__ = ['training_args', 'TrainResult', 'save_adapter', 'finetune', 'model_path', 'load_for_config', 'train_from_config']
 
 # %% ../nbs/12_train.ipynb #b1f07d63
+def _mixed_precision(info) -> dict:
+    "`TrainingArguments`' precision switches from the one dtype rule in `core.compute_dtype` (fp16 before Ampere, bf16 after)."
+    import torch
+    from lowbudget_ft.core import compute_dtype
+    dt = compute_dtype(info) if info.is_cuda else None
+    return dict(bf16=dt == torch.bfloat16, fp16=dt == torch.float16, use_cpu=not info.is_cuda)
+
 def training_args(cfg:RunConfig, # the run
                   has_eval:bool=False, # whether an evaluation set is given
                   **kwargs, # any other `TrainingArguments` field, overriding ours
@@ -31,7 +38,8 @@ def training_args(cfg:RunConfig, # the run
              logging_steps=cfg.logging_steps, save_strategy="steps", save_steps=cfg.save_every,
              save_total_limit=cfg.keep_checkpoints, eval_strategy="steps" if has_eval else "no",
              eval_steps=cfg.save_every if has_eval else None, seed=cfg.seed, report_to=[], disable_tqdm=True,
-             bf16=info.is_cuda and info.bf16, fp16=info.is_cuda and not info.bf16, use_cpu=not info.is_cuda,
+             **_mixed_precision(info),
+             logging_nan_inf_filter=False,  # its check syncs the device every micro-batch; the NaN guard stops on a bad loss anyway
              ddp_find_unused_parameters=False, remove_unused_columns=False,  # checkpointing: add_lora sets it on the model
              include_num_input_tokens_seen="all" if cfg.packing else "non_padding",  # packed rows hold no padding
              save_only_model=False)
