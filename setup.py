@@ -33,7 +33,7 @@ setuptools.setup(
     package_data={cfg['lib_name']: _reqs('package_data')},
     include_package_data=True,
     install_requires=_reqs('requirements'),
-    extras_require={'dev': _reqs('dev_requirements')},
+    extras_require={'dev': _reqs('dev_requirements'), 'gguf': _reqs('gguf_requirements')},
     python_requires='>=' + cfg['min_python'],
     long_description=open('README.md', encoding='utf-8').read(),
     long_description_content_type='text/markdown',

@@ -30,7 +30,7 @@ def _demo_inputs(a):
     "Validate the demo's inputs up front; returns (model name, train table, test table, labels)."
     from lowbudget_ft.complaints import sample_path
     from lowbudget_ft.data import read_table, split_dataset
-    from lowbudget_ft.train import model_path
+    from lowbudget_ft.models import model_path
     if a.out and Path(a.out).exists() and any(Path(a.out).iterdir()):
         raise FileExistsError(f"--out {a.out} already exists and is not empty: choose a new directory (nothing is overwritten).")
     name = model_path(a.model)

@@ -4,7 +4,8 @@
 
 # %% ../nbs/15_gguf.ipynb #de0f8f7c
 from __future__ import annotations
-import os, re, shutil, subprocess, sys, tempfile
+import os, shutil, subprocess, sys, tempfile
+from .export import _check_out_dir
 from dataclasses import dataclass, field
 from pathlib import Path
 from .models import require
@@ -88,11 +89,6 @@ def _check_model_dir(model_dir:Path):
     if not (model_dir/"config.json").exists() or not weights:
         raise FileNotFoundError(f"{model_dir} is not a model folder (it needs config.json and *.safetensors): pass the folder written by merge_and_save.")
 
-def _check_out_dir(out_dir:Path):
-    "Refuse a file or a non-empty folder as the output folder."
-    if out_dir.exists() and not out_dir.is_dir(): raise ValueError(f"out_dir {out_dir} is a file: choose a folder path.")
-    if out_dir.is_dir() and any(out_dir.iterdir()): raise ValueError(f"out_dir {out_dir} exists and is not empty: choose a new folder.")
-
 def _convert(model_dir:Path, outfile:Path, quant:str):
     "Run llama.cpp's converter in its own process; one error line with its last message when it fails."
     cmd = [sys.executable, "-m", "convert_hf_to_gguf", str(model_dir), "--outfile", str(outfile), "--outtype", quant]
@@ -111,7 +107,7 @@ def export_gguf(model_dir:str|Path, # a merged model folder (what merge_and_save
     "Convert `model_dir` to `out_dir/model-{quant}.gguf` with llama.cpp's converter and write an Ollama `Modelfile` beside it."
     if quant not in QUANTS: raise ValueError(f"quant={quant!r} is not one of {', '.join(QUANTS)}; q8_0 is the usual choice.")
     model_dir, out_dir = Path(model_dir).expanduser(), Path(out_dir).expanduser()
-    _check_model_dir(model_dir); _check_out_dir(out_dir)
+    _check_model_dir(model_dir); _check_out_dir(out_dir, overwrite=False)
     require({"convert_hf_to_gguf": "convert-hf-to-gguf"}, CONVERTER_INSTALL, "GGUF export")
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(model_dir)

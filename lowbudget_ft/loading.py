@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib, os
 from pathlib import Path
 from .core import gpu_info, compute_dtype, in_ci, in_nbdev_test, quiet_known_noise
+from .models import model_path
 
 # %% auto #0
 __all__ = ['quant_config', 'resolve_model', 'load_tokenizer', 'accelerate_config', 'load_model']
@@ -27,25 +28,11 @@ def quant_config(bits:int=4, # 4 (NF4), 8 (LLM.int8) or 16 (no quantisation)
                               bnb_4bit_compute_dtype=dtype or compute_dtype(), **extra)
 
 # %% ../nbs/05_loading.ipynb #ba0dcda5
-def _looks_local(name:str) -> bool:
-    "True when `name` is written like a filesystem path rather than a hub id."
-    return name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep == "\\" and "\\" in name
-
-def resolve_model(name:str|Path, # a local model directory or a Hugging Face Hub id such as "Qwen/Qwen2.5-7B-Instruct"
-                  needs:str="config.json", # the file a local directory must hold ("tokenizer_config.json" for a tokenizer)
+def resolve_model(name:str|Path, # "tiny", "smollm2", a .gguf file, a model folder, or a hub id
+                  needs:str="config.json", # the file a model folder must hold ("tokenizer_config.json" for a tokenizer)
                  ) -> str:
-    "Check that `name` is an existing local model directory or a well-formed hub id; return it as a string."
-    name = str(name)
-    if name == "tiny":  # the library's offline tiny model, built and cached on first use
-        from lowbudget_ft.tiny import tiny_model_path
-        return str(tiny_model_path())
-    p = Path(name).expanduser()
-    if p.is_dir():
-        if not (p/needs).exists(): raise FileNotFoundError(f"{p} has no {needs}: pass a directory written by save_pretrained (or a hub id like 'Qwen/Qwen2.5-0.5B').")
-        return str(p)
-    if p.exists() or _looks_local(name) or not name.strip():
-        raise FileNotFoundError(f"Model {name!r} not found: pass an existing model directory or a hub id like 'Qwen/Qwen2.5-0.5B'.")
-    return name
+    "What `from_pretrained` should load for `name` (see `models.model_path`): checked, built or converted first."
+    return model_path(name, needs)
 
 # %% ../nbs/05_loading.ipynb #06b67bb3
 def load_tokenizer(name:str|Path, # local directory or hub id

@@ -13,7 +13,7 @@ from .checkpoints import (_MARK, _STAGING, _NanGuard, _OomBackoff, _SafeCheckpoi
                                       SaveEveryMinutes)
 
 # %% auto #0
-__all__ = ['training_args', 'TrainResult', 'save_adapter', 'finetune', 'model_path', 'load_for_config', 'train_from_config']
+__all__ = ['training_args', 'TrainResult', 'save_adapter', 'finetune', 'load_for_config', 'train_from_config']
 
 # %% ../nbs/12_train.ipynb #b1f07d63
 def _mixed_precision(info) -> dict:
@@ -145,21 +145,13 @@ def finetune(model, # a `PeftModel` (see `add_lora`)
                        cfg, micro, cfg.grad_accum * math.ceil(cfg.batch_size / micro), dash.notes)
 
 # %% ../nbs/12_train.ipynb #6ec8c970
-def model_path(name:str, # a model directory, a hub id, or "tiny" for the offline tiny model
-              ) -> str:
-    "The model to load for a run's `model` setting."
-    from lowbudget_ft.loading import resolve_model
-    if name != "tiny": return resolve_model(name)
-    from lowbudget_ft.tiny import tiny_model_path
-    return str(tiny_model_path())
-
 def load_for_config(cfg:RunConfig, # the run
                     check_fit:bool=True, # refuse, before downloading, a model that won't fit the card
                    ):
     "`(model, tokenizer)` for `cfg`: its model in its bits (after the memory pre-flight), with its LoRA adapters."
     from lowbudget_ft.loading import load_model
     from lowbudget_ft.lora import add_lora
-    model, tokenizer = load_model(model_path(cfg.model), bits=cfg.bits, double_quant=cfg.double_quant, check_fit=check_fit,
+    model, tokenizer = load_model(cfg.model, bits=cfg.bits, double_quant=cfg.double_quant, check_fit=check_fit,
                                   plan_kwargs=dict(rank=cfg.rank, batch_size=cfg.batch_size, seq_len=cfg.max_seq_len))
     model = add_lora(model, rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout, targets=cfg.targets,
                      gradient_checkpointing=cfg.gradient_checkpointing, train_head=cfg.train_head,
