@@ -248,7 +248,7 @@ def finetune(model, # a `PeftModel` (see `add_lora`)
         raise TrainingInterrupted(f"stopped by Ctrl-C at step {ctrl_c.step}; checkpoint-{ctrl_c.step} is saved in {out}: "
                                   f"run again with resume=True to continue.")
     adapter = save_adapter(model, tokenizer, out/"adapter", cfg) if args.should_save else None
-    if args.should_save:
+    if args.should_save and trainer.state.global_step >= trainer.state.max_steps:  # not stopped early by a callback
         _write_run(out, rec | dict(finished=dict(step=trainer.state.global_step, max_steps=cfg.max_steps, epochs=cfg.epochs,
                                                  train_loss=res.training_loss)))
     micro = trainer.micro_batch or cfg.batch_size
