@@ -10,7 +10,8 @@ from .core import free_memory
 from .config import RunConfig
 
 # %% auto #0
-__all__ = ['complete_checkpoints', 'SaveEveryMinutes', 'DivergedError']
+__all__ = ['BLOWUP', 'RESUME_SETTINGS', 'complete_checkpoints', 'checkpoint_problem', 'good_checkpoint', 'read_run',
+           'claim_folder', 'SaveEveryMinutes', 'DivergedError']
 
 # %% ../nbs/11_checkpoints.ipynb #c9222013
 _MARK, _STAGING = "lowbudget_ft.json", ".staging"
@@ -58,7 +59,7 @@ def _barrier(args):
 # %% ../nbs/11_checkpoints.ipynb #4b0f3ac7
 class _SafeCheckpoints:
     "Trainer mixin: checkpoints are written into `.staging`, marked complete, then renamed to `checkpoint-N`."
-    _staging, micro_batch = False, None
+    _staging, micro_batch, run_id, resume_lr = False, None, None, None
 
     def _get_output_dir(self, trial=None):
         d = super()._get_output_dir(trial)
@@ -75,12 +76,143 @@ class _SafeCheckpoints:
         finally: self._staging = False
         _barrier(self.args)  # every process's files (its RNG state) are in
         if self.args.should_save:
-            mark = dict(step=self.state.global_step, micro_batch=self.micro_batch, time=time.time())
+            mark = dict(step=self.state.global_step, micro_batch=self.micro_batch, time=time.time(), run_id=self.run_id,
+                        lr=self.args.learning_rate)
             (tmp/_MARK).write_text(json.dumps(mark))  # written last: the checkpoint is complete
             _publish(tmp, run_dir/name)
             _rotate(run_dir, self.args.save_total_limit or 2**31)
             with contextlib.suppress(OSError): (run_dir/_STAGING).rmdir()  # tidy when empty
         _barrier(self.args)
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        "Load the checkpoint's optimizer and scheduler, then apply a learning rate changed on resume (the saved one would win)."
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is None or self.resume_lr is None or self.lr_scheduler is None: return
+        sched = self.lr_scheduler
+        sched.base_lrs = [self.resume_lr] * len(sched.base_lrs)
+        lambdas = getattr(sched, "lr_lambdas", [None] * len(sched.base_lrs))
+        for g, f in zip(self.optimizer.param_groups, lambdas):
+            g["initial_lr"] = self.resume_lr
+            g["lr"] = self.resume_lr * (f(sched.last_epoch) if f else 1.0)
+        sched._last_lr = [g["lr"] for g in self.optimizer.param_groups]
+
+# %% ../nbs/11_checkpoints.ipynb #93897225
+_RUN = "lowbudget_run.json"  # the run that owns an output folder: its id, identity and whether it finished
+BLOWUP = 1e3  # a saved adapter weight larger than BLOWUP x its initial scale has diverged
+
+def _init_scale(name:str, shape) -> float:
+    "The largest magnitude a weight starts from: 1/sqrt(fan in) for LoRA A (kaiming), 1/sqrt(r) for B (zero at init), 1 for full modules."
+    if "lora_" not in name or len(shape) < 2: return 1.0
+    return 1 / math.sqrt(shape[-1])
+
+def _weights_problem(path:Path) -> str|None:
+    "Why the adapter weights in `path` can't be trusted (unreadable, non-finite, blown up), or None."
+    from safetensors import safe_open
+    f = path/"adapter_model.safetensors"
+    if not f.is_file(): return "adapter_model.safetensors is missing"
+    try:
+        with safe_open(str(f), "pt") as st:
+            for k in st.keys():
+                t = st.get_tensor(k).float()
+                if not bool(t.isfinite().all()): return f"its adapter weights hold inf/NaN ({k})"
+                m, s = float(t.abs().max()) if t.numel() else 0.0, _init_scale(k, t.shape)
+                if m > BLOWUP * s: return f"its adapter weights have blown up (|{k.split('base_model.model.')[-1]}| = {m:.3g}, {m / s:.2g}x its initial scale)"
+    except Exception as e: return f"adapter_model.safetensors is damaged ({str(e).splitlines()[0][:80]})"  # any reader error: truncated, garbled
+    return None
+
+def checkpoint_problem(path:str|Path, # a `checkpoint-N` folder
+                       run_id:str|None=None, # the folder's run; a checkpoint of another run is refused
+                      ) -> str|None:
+    "Why `path` can't be resumed from (no/garbled marker, missing or damaged files, diverged weights, another run), or None when it is good."
+    import zipfile
+    path = Path(path)
+    try: mark = json.loads((path/_MARK).read_text())
+    except FileNotFoundError: return f"it has no {_MARK} marker (never finished writing)"
+    except (ValueError, OSError): return f"its {_MARK} marker is garbled"
+    if not isinstance(mark, dict): return f"its {_MARK} marker is garbled"
+    if run_id and mark.get("run_id") and mark["run_id"] != run_id: return "it belongs to another run"
+    if mark.get("step") != _step_of(path): return f"its {_MARK} marker is garbled (step {mark.get('step')!r}, not {_step_of(path)})"
+    try: state = json.loads((path/"trainer_state.json").read_text())
+    except FileNotFoundError: return "trainer_state.json is missing"
+    except (ValueError, OSError): return "trainer_state.json is garbled"
+    if not isinstance(state, dict) or "global_step" not in state: return "trainer_state.json is garbled"
+    for name in ("optimizer.pt", "scheduler.pt"):
+        if not (path/name).is_file(): return f"{name} is missing"
+        if not zipfile.is_zipfile(path/name): return f"{name} is damaged (truncated?)"
+    return _weights_problem(path)
+
+def _checkpoint_dirs(output_dir:Path) -> list:
+    "Every `checkpoint-N` folder, marked or not, oldest first."
+    if not output_dir.is_dir(): return []
+    return sorted((p for p in output_dir.iterdir() if p.is_dir() and _step_of(p) is not None), key=_step_of)
+
+def good_checkpoint(output_dir:str|Path, # a run's output folder
+                    run_id:str|None=None, # only checkpoints of this run
+                   ) -> tuple:
+    "`(newest checkpoint that passes checkpoint_problem, [why each newer one was skipped])`; `(None, [...])` when none is good."
+    skipped = []
+    for p in reversed(_checkpoint_dirs(Path(output_dir))):
+        why = checkpoint_problem(p, run_id)
+        if why is None: return str(p), skipped
+        skipped.append(f"skipped {p.name}: {why}")
+    return None, skipped
+
+# %% ../nbs/11_checkpoints.ipynb #73a71167
+RESUME_SETTINGS = ("lr", "max_steps", "epochs", "warmup_ratio", "logging_steps", "save_every", "save_minutes",
+                   "keep_checkpoints", "dashboard", "eval_split", "output_dir")  # may change on resume: applied
+
+def read_run(output_dir:str|Path) -> dict|None:
+    "The run record of `output_dir` (`lowbudget_run.json`), None when there is none (or it is unreadable)."
+    try: d = json.loads((Path(output_dir)/_RUN).read_text())
+    except (OSError, ValueError): return None
+    return d if isinstance(d, dict) else None
+
+def _holds_run(output_dir:Path) -> list:
+    "What in `output_dir` belongs to a run: its checkpoints and adapter."
+    return [p.name for p in _checkpoint_dirs(output_dir)] + ["adapter"] * (output_dir/"adapter").is_dir()
+
+def _differences(old:dict, new:dict) -> list:
+    "`key: old → new` for every identity setting that differs."
+    return [f"{k} {old.get(k)!r} → {new.get(k)!r}" for k in new if k in old and old[k] != new[k]]
+
+def claim_folder(output_dir:str|Path, # the run's output folder
+                 identity:dict, # what makes the run this run: model, data fingerprint, settings that matter
+                 resume:bool=False, # continue the run in the folder
+                 overwrite:bool=False, # discard another run's checkpoints and adapter
+                 write:bool=True, # write the record (the main process)
+                ) -> dict:
+    "Make `output_dir` this run's: refuse a folder holding another run unless resuming the same one or `overwrite`; returns the record."
+    import uuid
+    out = Path(output_dir)
+    if out.exists() and not out.is_dir(): raise ValueError(f"output_dir {out} is a file, not a folder: choose a folder path.")
+    old, held = read_run(out), _holds_run(out)
+    if resume and old is not None and not overwrite:
+        diff = _differences(old.get("identity", {}), identity)
+        if diff: raise ValueError(f"output_dir {out} holds a run with other settings ({'; '.join(diff)}): these can't change on "
+                                  f"resume. Resume with the run's settings, choose a new output_dir, or pass overwrite=True to start over.")
+        return old
+    if held and not resume and not overwrite:
+        what = ", ".join(held[:3]) + (", ..." if len(held) > 3 else "")
+        raise ValueError(f"output_dir {out} already holds a run ({what}): pass resume=True to continue it, choose a new output_dir, "
+                         f"or pass overwrite=True to replace it.")
+    rec = dict(run_id=uuid.uuid4().hex[:12], identity=identity, finished=None, started=time.time())
+    if write:
+        out.mkdir(parents=True, exist_ok=True)
+        if overwrite:
+            for name in held: _discard(out/name, out/_STAGING)
+        _write_run(out, rec)
+    return rec
+
+def _write_run(out:Path, rec:dict):
+    "Write the run record atomically."
+    tmp = out/f".{_RUN}.tmp"
+    tmp.write_text(json.dumps(rec, indent=1, default=str))
+    os.replace(tmp, out/_RUN)
+
+def _lr_of(ckpt:str|Path) -> float|None:
+    "The learning rate a checkpoint was trained with (from its marker)."
+    with contextlib.suppress(OSError, ValueError, AttributeError): return json.loads((Path(ckpt)/_MARK).read_text()).get("lr")
+    return None
 
 # %% ../nbs/11_checkpoints.ipynb #95e86e1e
 def _agree(flag:bool, args) -> bool:
@@ -224,15 +356,17 @@ class _OomBackoff:
 class DivergedError(FloatingPointError):
     "Training stopped at a non-finite loss or gradient norm; the last checkpoint is intact."
 
-def _diverged_message(what:str, value:float, step:int, args, last:str|None) -> str:
+def _diverged_message(what:str, value:float, step:int, args, last:str|None, skipped:list=()) -> str:
     "Why a run stopped, the likely cause for this card, and what to do."
     lr = args.learning_rate
     cause = (f"This card has no bf16, so training runs in fp16, whose range overflows easily: lower the learning rate "
              f"(now {lr:g}; try {lr / 4:g}), train in fp32 (slower), or use a card with bf16 (L4, A10, A100, RTX 30xx/40xx)."
              if args.fp16 else
              f"The learning rate {lr:g} is most likely too high: lower it (try {lr / 4:g}) or warm up longer.")
-    keep = (f"The last good checkpoint, {last}, is intact: change the setting and run again with resume=True."
-            if last else "No checkpoint had been written yet.")
+    bad = f" ({'; '.join(skipped)})" if skipped else ""
+    keep = (f"The last good checkpoint is {last} (checked: finite, not blown up){bad}: change the setting and run again with resume=True."
+            if last else f"No good checkpoint to resume from{bad}: start again with a lower learning rate (overwrite=True)."
+            if skipped else "No checkpoint had been written yet.")
     return f"training stopped at step {step}: the {what} is {value} (not finite). {cause} {keep}"
 
 class _NanGuard:
@@ -240,7 +374,7 @@ class _NanGuard:
     nan_patience, _skipped, _loss_sum = 10, 0, None
 
     def _stop(self, what:str, value:float):
-        msg = _diverged_message(what, value, self.state.global_step + 1, self.args, _latest_checkpoint(self.args.output_dir))
+        msg = _diverged_message(what, value, self.state.global_step + 1, self.args, *good_checkpoint(self.args.output_dir, self.run_id))
         _say(self, msg)
         raise DivergedError(msg)
 

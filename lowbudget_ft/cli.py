@@ -13,7 +13,7 @@ from .checkpoints import DivergedError
 from .train import train_from_config
 
 # %% auto #0
-__all__ = ['TINY_NOTE', 'DEMO_DEFAULTS', 'demo_config', 'run_demo', 'main', 'plan_command', 'train_command']
+__all__ = ['TINY_NOTE', 'DEMO_DEFAULTS', 'DEMO_FLAGS', 'demo_config', 'run_demo', 'main', 'plan_command', 'train_command']
 
 # %% ../nbs/16_cli.ipynb #e3ad35d9
 TINY_NOTE = ("Note: the default model is a TINY, RANDOMLY INITIALISED Llama built offline; its accuracy shows the "
@@ -31,6 +31,8 @@ def _demo_inputs(a):
     from lowbudget_ft.complaints import sample_path
     from lowbudget_ft.data import read_table, split_dataset
     from lowbudget_ft.models import model_path
+    if a.out and Path(a.out).exists() and not Path(a.out).is_dir():
+        raise FileExistsError(f"--out {a.out} is a file, not a folder: choose a new directory.")
     if a.out and Path(a.out).exists() and any(Path(a.out).iterdir()):
         raise FileExistsError(f"--out {a.out} already exists and is not empty: choose a new directory (nothing is overwritten).")
     name = model_path(a.model)
@@ -41,6 +43,11 @@ def _demo_inputs(a):
             missing = a.prompt if a.prompt not in df.columns else a.response
             flag = "--prompt" if missing == a.prompt else "--response"
             raise ValueError(f"{a.data} has no column {missing!r} (its columns: {', '.join(map(str, df.columns))}); name the right one with {flag} COLUMN.")
+    answers = df[a.response].map(lambda v: v.strip() if isinstance(v, str) else "" if v is None or v != v else str(v))
+    if (empty := int((answers == "").sum())):  # an empty answer is not a label
+        if empty == len(df): raise ValueError(f"every row of {a.data} has an empty {a.response!r} (--response): fill it in or choose another column.")
+        warnings.warn(f"dropped {empty} of {len(df)} rows with an empty answer in column {a.response!r}", stacklevel=2)
+        df = df[answers != ""]
     if "split" in df.columns and set(df["split"]) >= {"train", "test"}:
         train, test = df[df["split"] == "train"], df[df["split"] == "test"]
     else: train, test = split_dataset(df, eval_size=0.2, stratify=a.response, seed=0)
@@ -191,11 +198,30 @@ def _parser():
     return p
 
 # %% ../nbs/16_cli.ipynb #60a829f8
+_THIRD_PARTY = r"(transformers|peft|bitsandbytes|accelerate|datasets|torch|huggingface_hub|safetensors|tokenizers|trl)(\.|$)"
+DEMO_FLAGS = dict(max_steps="--steps", warmup_ratio="--warmup", max_seq_len="--max-seq-len", batch_size="--batch-size",
+                  lr="--lr", rank="--rank", seed="--seed", bits="--bits", prompt="--prompt", response="--response",
+                  output_dir="--out", model="--model", data="--data", instruction="--instruction")
+
+def _one_line(e:BaseException, flags:dict|None=None, where:str|None=None) -> str:
+    "`e` as one line for a terminal user: settings named as typed (a flag, or the config file's key), Python hints as flags."
+    import errno
+    from lowbudget_ft.config import SettingError
+    if isinstance(e, SettingError):
+        msg = e.named(flags[e.setting] if flags and e.setting in flags else f"{where}: {e.setting}" if where else e.setting)
+    elif isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT):
+        what = {errno.ENOSPC: "disk full", errno.EDQUOT: "disk quota exceeded", errno.EROFS: "read-only file system"}.get(e.errno, "permission denied")
+        msg = f"can't write {e.filename or 'the output'}: {what}. Free space or choose another folder, then run again (with --resume to continue)."
+    else: msg = str(e.args[0]) if e.args and isinstance(e.args[0], str) else str(e) or type(e).__name__
+    msg = msg.replace("resume=True", "--resume").replace("overwrite=True", "--overwrite")
+    return " ".join(msg.split())  # one line
+
 def _quiet_libraries():
     "Silence library chatter so each stage's line stays readable (errors still show)."
     import logging
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    warnings.filterwarnings("ignore")
+    warnings.filterwarnings("ignore", module=_THIRD_PARTY)  # not the library's own warnings (dropped rows, unknown labels)
+    warnings.formatwarning = lambda msg, cat, *args, **kwargs: f"lowbudget-ft: warning: {msg}\n"
     for name in ("transformers", "peft", "bitsandbytes", "accelerate", "datasets", "torch"):
         logging.getLogger(name).setLevel(logging.ERROR)
     try:
@@ -213,13 +239,15 @@ def main(argv:list|None=None) -> int:
     a = _parser().parse_args(argv)
     _quiet_libraries()
     try: return {"demo": _demo, "doctor": _doctor}[a.command](a)
-    except (ValueError, FileNotFoundError, FileExistsError, KeyError) as e:
-        msg = e.args[0] if e.args else repr(e)
-        print(f"lowbudget-ft {a.command}: error: {msg}", file=sys.stderr)
+    except (ValueError, OSError, KeyError) as e:
+        print(f"lowbudget-ft {a.command}: error: {_one_line(e, DEMO_FLAGS)}", file=sys.stderr)
         return 2
     except MemoryError as e:
-        print(f"lowbudget-ft {a.command}: {e}", file=sys.stderr)
+        print(f"lowbudget-ft {a.command}: {_one_line(e)}", file=sys.stderr)
         return 3
+    except KeyboardInterrupt:
+        print(f"lowbudget-ft {a.command}: interrupted (Ctrl-C); nothing was kept.", file=sys.stderr)
+        return 130
 
 def _entry(): sys.exit(main())
 
@@ -265,14 +293,26 @@ def train_command(argv:list|None=None, # arguments after `lowbudget-ft train`
     p.add_argument("config", help="run config file; write one with save_config(RunConfig(...), 'run.yaml')")
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in output_dir")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting (repeatable)")
+    p.add_argument("--overwrite", action="store_true", help="replace another run's checkpoints and adapter in output_dir")
     a = p.parse_args(argv)
+    from lowbudget_ft.config import SettingError
+    _quiet_libraries()
+    again = f"lowbudget-ft train {a.config} --resume" + "".join(f" --set {s}" for s in a.set)
+    sets = {}
     try:
-        cfg = _replace(load_config(a.config), **_parse_sets(a.set))
-        res = train_from_config(cfg, resume=a.resume, callbacks=callbacks)
-    except (ValueError, FileNotFoundError) as e: code, msg = 2, str(e)
-    except DivergedError as e: code, msg = 4, str(e)
-    except torch.OutOfMemoryError as e: code, msg = 3, str(e)
+        sets = _parse_sets(a.set)
+        cfg = _replace(load_config(a.config), **sets)
+        res = train_from_config(cfg, resume=a.resume, callbacks=callbacks, overwrite=a.overwrite)
+    except SettingError as e: code, msg = 2, _one_line(e, {k: f"--set {k}" for k in sets}, a.config)
+    except DivergedError as e: code, msg = 4, _one_line(e)
+    except torch.OutOfMemoryError as e: code, msg = 3, _one_line(e)
+    except MemoryError as e: code, msg = 3, _one_line(e)
+    except (ValueError, OSError) as e: code, msg = 2, _one_line(e)
+    except KeyboardInterrupt as e:
+        saved = str(e).split(";")[1].split(":")[0].strip() if str(e).startswith("stopped by Ctrl-C") else "nothing new was saved"
+        code, msg = 130, f"stopped by Ctrl-C ({saved}); continue with: {again}"
     else:
+        if res.notes and res.notes[0].startswith("nothing to do"): print(_one_line(ValueError(res.notes[0]))); return 0
         if res.adapter_path is not None:
             print(f"done: {res.steps} steps, train loss {res.train_loss:.4f}, peak {fmt_bytes(res.peak_memory)}, adapter {res.adapter_path}")
         return 0

@@ -4,12 +4,12 @@
 
 # %% ../nbs/09_config.ipynb #f313f281
 from __future__ import annotations
-import dataclasses, json
+import dataclasses, json, math
 from dataclasses import dataclass, field, fields, asdict
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['RunConfig', 'save_config', 'load_config']
+__all__ = ['SCHEDULERS', 'OPTIMIZERS', 'RunConfig', 'SettingError', 'check_model_config', 'save_config', 'load_config']
 
 # %% ../nbs/09_config.ipynb #5ce08a5b
 def _opt(default, help:str): return field(default=default, metadata={"help": help})
@@ -56,15 +56,72 @@ class RunConfig:
             kind = getattr(f.type, "__name__", str(f.type))
             if isinstance(v, str) and kind.startswith(("float", "int")):
                 try: setattr(self, f.name, float(v) if kind.startswith("float") else int(v))
-                except ValueError: raise ValueError(f"RunConfig.{f.name}={v!r} must be a number.") from None
+                except ValueError: raise SettingError(f.name, v, "must be a number") from None
+            _check_type(f.name, kind, getattr(self, f.name))
         for name in ("rank", "batch_size", "grad_accum", "max_seq_len", "logging_steps", "save_every", "keep_checkpoints"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or v < 1: raise ValueError(f"RunConfig.{name}={v!r} must be a positive integer.")
-        if self.bits not in (4, 8, 16): raise ValueError(f"RunConfig.bits={self.bits!r}: use 4, 8 or 16.")
-        if not self.lr > 0: raise ValueError(f"RunConfig.lr={self.lr!r} must be positive, e.g. 2e-4.")
-        if not 0 <= self.eval_split < 1: raise ValueError(f"RunConfig.eval_split={self.eval_split!r} must be in [0, 1), e.g. 0.1.")
-        if not self.save_minutes >= 0: raise ValueError(f"RunConfig.save_minutes={self.save_minutes!r} must be >= 0 (0 turns time-based checkpoints off).")
-        if self.dashboard not in ("auto", "widget", "console", "quiet"): raise ValueError(f"RunConfig.dashboard={self.dashboard!r}: use auto, widget, console or quiet.")
+            if getattr(self, name) < 1: raise SettingError(name, getattr(self, name), "must be a positive integer")
+        _check_ranges(self)
+
+_KINDS = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,)}
+
+def _check_type(name:str, kind:str, v):
+    "Raise unless `v` has the field's type (`int|None` allows None); whole floats pass as ints."
+    if v is None and "None" in kind: return
+    base = kind.split("|")[0].strip()
+    if base == "int" and isinstance(v, float) and v.is_integer(): return
+    ok = isinstance(v, _KINDS.get(base, (object,))) and not (base != "bool" and isinstance(v, bool))
+    if not ok:
+        want = {"int": "a whole number", "float": "a number", "bool": "true or false", "str": "text"}.get(base, base)
+        raise SettingError(name, v, f"must be {want}")
+    if base == "float" and not math.isfinite(v): raise SettingError(name, v, "must be a finite number")
+
+SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup", "inverse_sqrt",
+              "cosine_with_min_lr", "warmup_stable_decay")
+OPTIMIZERS = ("paged_adamw_8bit", "adamw_8bit", "adamw_bnb_8bit", "paged_adamw_32bit", "adamw_torch", "adamw_torch_fused",
+              "adafactor", "sgd", "lion_8bit", "paged_lion_8bit")
+
+def _known_optimizer(name:str) -> bool:
+    "A name the Trainer accepts for `optim`."
+    if name in OPTIMIZERS: return True
+    try: from transformers.training_args import OptimizerNames
+    except ImportError: return False
+    return name in {o.value for o in OptimizerNames}
+
+def _check_ranges(c):
+    "Refuse settings that would silently train something else than asked."
+    if c.max_steps == 0 or c.max_steps < -1: raise SettingError("max_steps", c.max_steps, "must be a positive number of steps, or -1 to train for `epochs`")
+    if c.max_steps == -1 and not c.epochs > 0: raise SettingError("epochs", c.epochs, "must be positive (e.g. 1), or set max_steps")
+    if not c.lr > 0: raise SettingError("lr", c.lr, "must be positive, e.g. 2e-4")
+    if c.alpha is not None and not c.alpha > 0: raise SettingError("alpha", c.alpha, f"must be positive (or null for 2 x rank = {2 * c.rank})")
+    if not 0 <= c.dropout < 1: raise SettingError("dropout", c.dropout, "must be in [0, 1), e.g. 0.05")
+    if not 0 <= c.warmup_ratio < 1: raise SettingError("warmup_ratio", c.warmup_ratio, "is a share of the steps in [0, 1), e.g. 0.03 (not a number of steps)")
+    if c.seed < 0: raise SettingError("seed", c.seed, "must be 0 or more")
+    if c.bits not in (4, 8, 16): raise SettingError("bits", c.bits, "use 4, 8 or 16")
+    if not 0 <= c.eval_split < 1: raise SettingError("eval_split", c.eval_split, "must be in [0, 1), e.g. 0.1")
+    if not c.save_minutes >= 0: raise SettingError("save_minutes", c.save_minutes, "must be >= 0 (0 turns time-based checkpoints off)")
+    if c.dashboard not in ("auto", "widget", "console", "quiet"): raise SettingError("dashboard", c.dashboard, "use auto, widget, console or quiet")
+    if c.scheduler not in SCHEDULERS: raise SettingError("scheduler", c.scheduler, f"use one of {', '.join(SCHEDULERS)}")
+    if not _known_optimizer(c.optimizer): raise SettingError("optimizer", c.optimizer, f"use one of {', '.join(OPTIMIZERS)}")
+    for name in ("model", "data", "prompt", "response", "targets", "output_dir"):
+        if not getattr(c, name).strip(): raise SettingError(name, getattr(c, name), "must not be empty")
+    out = Path(c.output_dir).expanduser()
+    if out.exists() and not out.is_dir(): raise SettingError("output_dir", c.output_dir, "is a file, not a folder: choose a folder path")
+
+class SettingError(ValueError):
+    "A setting the run can't use; `.setting` is its `RunConfig` field (the CLI names it as the user wrote it)."
+    def __init__(self, setting:str, value, problem:str):
+        self.setting, self.value, self.problem = setting, value, problem
+        super().__init__(self.named(f"RunConfig.{setting}"))
+    def named(self, name:str) -> str: return f"{name}={self.value!r} {self.problem}."
+
+def check_model_config(cfg:RunConfig, # the run
+                       model_config, # the model's `PretrainedConfig` (read before its weights load)
+                      ):
+    "Refuse settings the model can't take: a `max_seq_len` beyond its context."
+    n = getattr(model_config, "max_position_embeddings", None)
+    if isinstance(n, int) and cfg.max_seq_len > n:
+        raise SettingError("max_seq_len", cfg.max_seq_len, f"is longer than the model's context ({n} tokens): use at most {n}")
+
 
 # %% ../nbs/09_config.ipynb #a62aac9a
 def _check_keys(d:dict, where:str):
@@ -92,14 +149,25 @@ def save_config(cfg:RunConfig, path:str|Path) -> Path:
         path.write_text(yaml.safe_dump(d, sort_keys=False))
     return path
 
+def _read_settings(path:Path):
+    "The parsed YAML/JSON of `path`; a syntax error is one line naming the file, line and column."
+    import yaml
+    try:
+        text = path.read_text()
+        if path.suffix == ".json": return json.loads(text)
+        return yaml.safe_load(text) or {}
+    except json.JSONDecodeError as e: raise ValueError(f"{path}: not valid JSON at line {e.lineno}, column {e.colno} ({e.msg}); fix the file.") from None
+    except yaml.YAMLError as e:
+        m = getattr(e, "problem_mark", None)
+        where = f" at line {m.line + 1}, column {m.column + 1}" if m else ""
+        raise ValueError(f"{path}: not valid YAML{where} ({getattr(e, 'problem', None) or 'syntax error'}); fix the file.") from None
+    except UnicodeDecodeError: raise ValueError(f"{path} is not a text file: write the config as YAML or JSON.") from None
+
 def load_config(path:str|Path) -> RunConfig:
     "Read a `RunConfig` from a YAML or JSON file."
     path = Path(path)
     if not path.is_file(): raise FileNotFoundError(f"Config file {path} not found: write one with save_config(RunConfig(), '{path.name}').")
-    if path.suffix == ".json": d = json.loads(path.read_text())
-    else:
-        import yaml
-        d = yaml.safe_load(path.read_text()) or {}
+    d = _read_settings(path)
     if not isinstance(d, dict): raise ValueError(f"{path}: expected a mapping of settings, got {type(d).__name__}.")
     _check_keys(d, str(path))
     return RunConfig(**d)

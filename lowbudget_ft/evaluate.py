@@ -176,6 +176,11 @@ def label_report(answers:list, # generated answers
                 ) -> LabelReport:
     "Parse `answers` into labels and compare with `truth`."
     if len(answers) != len(truth): raise ValueError(f"{len(answers)} answers but {len(truth)} true labels: pass one answer per example.")
+    if labels:
+        import warnings
+        absent, outside = [l for l in labels if l not in set(truth)], sorted(set(truth) - set(labels))
+        if absent and truth: warnings.warn(f"labels {absent} never appear in the true labels: misspelt, or not in this data?", stacklevel=2)
+        if outside: warnings.warn(f"true labels {outside[:8]} are not in labels=: no answer can match them", stacklevel=2)
     labels = labels or sorted(set(truth))
     return LabelReport(list(labels), list(truth), [parse_label(a, labels) for a in answers], list(answers))
 
@@ -196,6 +201,12 @@ def evaluate_labels(model, # a causal LM or `PeftModel`
     from lowbudget_ft.data import read_table, _check_column
     df = read_table(data, sheet=sheet)
     for col, what in ((prompt, "prompt"), (response, "response")): _check_column(df, col, what)
+    truth = df[response].map(lambda v: v.strip() if isinstance(v, str) else "" if v is None or v != v else str(v))
+    if (empty := int((truth == "").sum())):  # an empty label is no label: empty == empty would count as right
+        import warnings
+        if empty == len(df): raise ValueError(f"every row has an empty label in column {response!r}: fill it in or pass another response=.")
+        warnings.warn(f"dropped {empty} of {len(df)} rows with an empty label in column {response!r}", stacklevel=2)
+        df = df[truth != ""]
     answers = generate(model, tokenizer, [str(p) for p in df[prompt]], instruction=instruction,
                        max_new_tokens=max_new_tokens, batch_size=batch_size, template=template)
     return label_report(answers, [str(t).strip() for t in df[response]], labels)

@@ -4,7 +4,7 @@
 
 # %% ../nbs/12_train.ipynb #223f62d2
 from __future__ import annotations
-import contextlib, functools, json, math, shutil, time
+import contextlib, functools, hashlib, json, math, shutil, sys, time
 from dataclasses import dataclass, field
 from pathlib import Path
 from .core import gpu_info, memory_stats, reset_peak, fmt_bytes, quiet_known_noise
@@ -13,7 +13,8 @@ from .checkpoints import (_MARK, _STAGING, _NanGuard, _OomBackoff, _SafeCheckpoi
                                       SaveEveryMinutes)
 
 # %% auto #0
-__all__ = ['training_args', 'TrainResult', 'save_adapter', 'finetune', 'load_for_config', 'train_from_config']
+__all__ = ['training_args', 'TrainResult', 'run_record', 'save_adapter', 'TrainingInterrupted', 'finetune', 'load_for_config',
+           'train_from_config']
 
 # %% ../nbs/12_train.ipynb #b1f07d63
 def _mixed_precision(info) -> dict:
@@ -73,6 +74,71 @@ class TrainResult:
         return (f"| steps | train loss | peak memory | time | adapter |\n|---|---|---|---|---|\n"
                 f"| {self.steps} | {self.train_loss:.4f} | {fmt_bytes(self.peak_memory)} | {self.seconds:.0f} s | `{self.adapter_path}` |")
 
+# %% ../nbs/12_train.ipynb #0bc74bb0
+def _fingerprint(ds) -> str:
+    "A short hash of the tokenised examples (input ids and labels): the same data gives the same fingerprint."
+    h = hashlib.sha256()
+    for col in ("input_ids", "labels"):
+        if col in getattr(ds, "column_names", []): h.update(json.dumps(list(map(list, ds[col]))).encode())
+    return h.hexdigest()[:16]
+
+def _data_name(data, cfg:RunConfig) -> str:
+    "Where the training data came from, in words a reader can follow."
+    if isinstance(data, (str, Path)): return str(data)
+    name = getattr(data, "attrs", {}).get("source_name") if hasattr(data, "attrs") else None
+    if name: return str(name)
+    if "labels" in getattr(data, "column_names", []): return "prepared examples (in memory)"
+    return f"{type(data).__name__} in memory, {len(data)} rows"
+
+def _targets_of(base, lcfg, cfg:RunConfig) -> str:
+    "The LoRA targets as a `RunConfig.targets` string add_lora reproduces: 'all-linear' when it is every linear layer but the head."
+    t = lcfg.target_modules
+    if isinstance(t, str): return t
+    import torch
+    head = base.get_output_embeddings()
+    inner = {"lora_A", "lora_B", "base_layer", "modules_to_save", "original_module", "lora_dropout"}  # peft's own parts
+    linear = {n.split(".")[-1] for n, m in base.named_modules() if m is not head and not inner & set(n.split("."))
+              and (hasattr(m, "lora_A") or isinstance(m, torch.nn.Linear) or type(m).__name__ in ("Linear4bit", "Linear8bitLt"))}
+    linear -= {n.split(".")[-1] for n, m in base.named_modules() if m is head}
+    t = set(t)
+    return "all-linear" if t == linear else r".*\.(" + "|".join(sorted(t)) + ")"
+
+def run_record(model, # the model being trained (a `PeftModel`)
+               tokenizer, # its tokenizer
+               cfg:RunConfig, # the settings given
+               data=None, # the training data as given to `finetune`
+               dataset=None, # the tokenised examples
+              ) -> tuple:
+    "`(RunConfig read from what is trained, identity dict)`: model, quantisation and LoRA from the model; data, fingerprint, template."
+    import dataclasses
+    from lowbudget_ft.data import _has_chat_template
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    rec = {}
+    name = getattr(base.config, "_name_or_path", "") or getattr(base, "name_or_path", "")
+    from lowbudget_ft.models import model_path
+    try: same = cfg.model == name or Path(model_path(cfg.model)).resolve() == Path(name).resolve()
+    except (OSError, ValueError): same = False  # the configured model isn't this one
+    if name and not same: rec["model"] = name  # keep the user's short name ("tiny") when it is this model
+    rec["bits"] = 4 if getattr(base, "is_loaded_in_4bit", False) else 8 if getattr(base, "is_loaded_in_8bit", False) else 16
+    qc = getattr(base.config, "quantization_config", None)
+    dq = qc.get("bnb_4bit_use_double_quant") if isinstance(qc, dict) else getattr(qc, "bnb_4bit_use_double_quant", None)
+    if rec["bits"] == 4 and dq is not None: rec["double_quant"] = bool(dq)
+    lcfg = getattr(model, "peft_config", {}).get("default")
+    if lcfg is not None:
+        mts = set(lcfg.modules_to_save or [])
+        part = lambda m: m is not None and any(x is m and n.split(".")[-1] in mts for n, x in base.named_modules())
+        rec.update(rank=lcfg.r, alpha=lcfg.lora_alpha, dropout=lcfg.lora_dropout, targets=_targets_of(base, lcfg, cfg),
+                   train_head=part(base.get_output_embeddings()), train_embeddings=part(base.get_input_embeddings()))
+    rec["gradient_checkpointing"] = bool(getattr(base, "is_gradient_checkpointing", cfg.gradient_checkpointing))
+    if data is not None: rec["data"] = _data_name(data, cfg)
+    out = dataclasses.replace(cfg, **rec)
+    ident = {k: getattr(out, k) for k in ("model", "bits", "double_quant", "rank", "alpha", "dropout", "targets", "train_head",
+                                          "train_embeddings", "max_seq_len", "packing", "batch_size", "grad_accum", "seed",
+                                          "optimizer", "scheduler")}
+    ident.update(data_fingerprint=_fingerprint(dataset) if dataset is not None else None,
+                 template="chat template" if _has_chat_template(tokenizer) else "plain prompt template")
+    return out, ident
+
 # %% ../nbs/12_train.ipynb #b46c0e11
 def _as_dataset(data, tokenizer, cfg:RunConfig):
     "Tokenised examples from `data` (already tokenised datasets pass through)."
@@ -106,13 +172,46 @@ def _resumed_micro_batch(ckpt:str|None, cfg:RunConfig) -> int|None:
     m = json.loads((Path(ckpt)/_MARK).read_text()).get("micro_batch")
     return min(m, cfg.batch_size) if m else None
 
+class TrainingInterrupted(KeyboardInterrupt):
+    "Training stopped on Ctrl-C after finishing its step; a checkpoint of that step was written."
+
+class _StopOnCtrlC:
+    "While training: the first Ctrl-C finishes the step, writes a checkpoint and stops; a second one stops at once."
+    def __init__(self): self.step, self._old = None, None
+    def __enter__(self):
+        import signal, threading
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGINT, self._handler)
+        return self
+    def _handler(self, signum, frame):
+        import signal
+        self.step = -1
+        signal.signal(signal.SIGINT, self._old)  # a second Ctrl-C: stop now
+    def __exit__(self, *exc):
+        import signal
+        if self._old is not None and self.step is None: signal.signal(signal.SIGINT, self._old)
+    def on_step_end(self, args, state, control, **kwargs):
+        from lowbudget_ft.checkpoints import _agree
+        if _agree(self.step is not None, args):  # every process stops at the same step (rank 0's Ctrl-C decides)
+            self.step, control.should_save, control.should_training_stop = state.global_step, True, True
+        return control
+    def __getattr__(self, name):
+        if name.startswith("on_"): return lambda *args, **kwargs: None
+        raise AttributeError(name)
+
+def _finished(rec:dict, cfg:RunConfig) -> bool:
+    "True when the folder's run already finished with these step settings."
+    f = rec.get("finished")
+    return bool(f) and f.get("max_steps") == cfg.max_steps and f.get("epochs") == cfg.epochs
+
 def finetune(model, # a `PeftModel` (see `add_lora`)
              tokenizer, # its tokenizer
              train_data, # table path, DataFrame, `Dataset`, or examples from `prepare_dataset`
              eval_data=None, # same kinds, for the evaluation loss
              config:RunConfig|None=None, # the run's settings; `None` = defaults
-             resume:bool=False, # continue from the newest complete checkpoint in `output_dir` (from scratch when none)
+             resume:bool=False, # continue the run in `output_dir` from its newest good checkpoint (a finished run: nothing to do)
              callbacks:list|None=None, # extra `TrainerCallback`s
+             overwrite:bool=False, # replace another run's checkpoints and adapter in `output_dir`
              **overrides, # any `RunConfig` field, e.g. `max_steps=100`
             ) -> TrainResult:
     "Fine-tune `model` on `train_data` with the live dashboard; saves the adapter to `output_dir/adapter`."
@@ -120,39 +219,67 @@ def finetune(model, # a `PeftModel` (see `add_lora`)
     from lowbudget_ft.data import make_collator
     from lowbudget_ft.attention import packed_attention
     from lowbudget_ft.dashboard import Dashboard
+    from lowbudget_ft.checkpoints import claim_folder, good_checkpoint, _lr_of, _write_run
     cfg = _replace(config or RunConfig(), **overrides)
     set_seed(cfg.seed)
     train_ds, eval_ds = _as_dataset(train_data, tokenizer, cfg), _as_dataset(eval_data, tokenizer, cfg)
+    cfg, ident = run_record(model, tokenizer, cfg, train_data, train_ds)  # what is actually trained, not the defaults
     args, out = training_args(cfg, has_eval=eval_ds is not None), Path(cfg.output_dir)
-    ckpt = _latest_checkpoint(out) if resume else None
+    rec = claim_folder(out, ident, resume=resume, overwrite=overwrite, write=args.should_save)
+    ckpt, skipped = good_checkpoint(out, rec.get("run_id")) if resume and not overwrite else (None, [])
+    if resume and ckpt is None and skipped:
+        raise ValueError(f"no checkpoint in {out} can be resumed ({'; '.join(skipped)}): pass overwrite=True to start over.")
+    if resume and ckpt and _finished(rec, cfg):
+        msg = f"nothing to do: the run in {out} already finished at step {rec['finished']['step']}; its adapter is {out/'adapter'}"
+        print(msg, file=sys.stderr, flush=True)
+        return TrainResult(out/"adapter", [], rec["finished"]["step"], rec["finished"].get("train_loss", float("nan")), 0, 0.0, cfg, notes=[msg])
     if args.should_save: shutil.rmtree(out/_STAGING, ignore_errors=True)  # what a killed run left half-written
     trainer = _trainer_class()(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                                data_collator=make_collator(tokenizer, packing=cfg.packing), callbacks=callbacks)
-    trainer.run_config, trainer.micro_batch = cfg, _resumed_micro_batch(ckpt, cfg)
+    trainer.run_config, trainer.micro_batch, trainer.run_id = cfg, _resumed_micro_batch(ckpt, cfg), rec.get("run_id")
     if cfg.save_minutes: trainer.add_callback(SaveEveryMinutes(cfg.save_minutes))
+    ctrl_c = _StopOnCtrlC()
+    trainer.add_callback(ctrl_c)
     dash = Dashboard(mode=cfg.dashboard if args.should_save else "quiet",
                      gpu_limit=memory_stats()["total"] if gpu_info().is_cuda else None, predicted_peak=_predicted_peak(model, cfg))
     trainer.dashboard = dash.attach(trainer)
     if resume: _say(trainer, f"resuming from {ckpt}" if ckpt else f"no complete checkpoint in {out} yet: starting from step 0")
+    for s in skipped: _say(trainer, s)
+    if ckpt and (old := _lr_of(ckpt)) is not None and not math.isclose(old, cfg.lr):
+        trainer.resume_lr = cfg.lr
+        _say(trainer, f"learning rate {old:g} → {cfg.lr:g} (changed on resume: the restored schedule uses the new one)")
     reset_peak()
     t0 = time.time()
-    with packed_attention(model) if cfg.packing else contextlib.nullcontext():
+    with packed_attention(model) if cfg.packing else contextlib.nullcontext(), ctrl_c:
         res = trainer.train(resume_from_checkpoint=ckpt)
     seconds = time.time() - t0
+    if ctrl_c.step is not None:
+        raise TrainingInterrupted(f"stopped by Ctrl-C at step {ctrl_c.step}; checkpoint-{ctrl_c.step} is saved in {out}: "
+                                  f"run again with resume=True to continue.")
     adapter = save_adapter(model, tokenizer, out/"adapter", cfg) if args.should_save else None
+    if args.should_save and trainer.state.global_step >= trainer.state.max_steps:  # not stopped early by a callback
+        _write_run(out, rec | dict(finished=dict(step=trainer.state.global_step, max_steps=cfg.max_steps, epochs=cfg.epochs,
+                                                 train_loss=res.training_loss)))
     micro = trainer.micro_batch or cfg.batch_size
     return TrainResult(adapter, dash.history, trainer.state.global_step, res.training_loss, memory_stats()["peak"], seconds,
                        cfg, micro, cfg.grad_accum * math.ceil(cfg.batch_size / micro), dash.notes)
+
 
 # %% ../nbs/12_train.ipynb #6ec8c970
 def load_for_config(cfg:RunConfig, # the run
                     check_fit:bool=True, # refuse, before downloading, a model that won't fit the card
                    ):
     "`(model, tokenizer)` for `cfg`: its model in its bits (after the memory pre-flight), with its LoRA adapters."
+    from transformers import set_seed
+    from lowbudget_ft.config import check_model_config
     from lowbudget_ft.loading import load_model
     from lowbudget_ft.lora import add_lora
-    model, tokenizer = load_model(cfg.model, bits=cfg.bits, double_quant=cfg.double_quant, check_fit=check_fit,
-                                  plan_kwargs=dict(rank=cfg.rank, batch_size=cfg.batch_size, seq_len=cfg.max_seq_len))
+    from lowbudget_ft.models import model_path
+    path = model_path(cfg.model)  # "tiny", "smollm2", a .gguf, a folder, or a hub id (fails at once when offline)
+    check_model_config(cfg, _read_model_config(path))  # settings the model can't take, before its weights load
+    model, tokenizer = _load_weights(load_model, path, bits=cfg.bits, double_quant=cfg.double_quant, check_fit=check_fit,
+                                     plan_kwargs=dict(rank=cfg.rank, batch_size=cfg.batch_size, seq_len=cfg.max_seq_len))
+    set_seed(cfg.seed)  # LoRA's initial weights come from the seed: the same config gives the same adapter
     model = add_lora(model, rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout, targets=cfg.targets,
                      gradient_checkpointing=cfg.gradient_checkpointing, train_head=cfg.train_head,
                      train_embeddings=cfg.train_embeddings)
@@ -161,6 +288,7 @@ def load_for_config(cfg:RunConfig, # the run
 def train_from_config(cfg:RunConfig, # the run
                       resume:bool=False, # continue from the newest complete checkpoint
                       callbacks:list|None=None, # extra `TrainerCallback`s
+                      overwrite:bool=False, # replace another run's checkpoints and adapter in `output_dir`
                      ) -> TrainResult:
     "Load the model of `cfg` in its bits, add LoRA, read its data and `finetune`."
     if cfg.data == "sample":
@@ -169,10 +297,32 @@ def train_from_config(cfg:RunConfig, # the run
     else:
         from lowbudget_ft.data import read_table
         data = read_table(cfg.data)  # before the model loads: a wrong path fails fast
+    data.attrs["source_name"] = cfg.data  # the run record names the data as the config does
+    from lowbudget_ft.config import SettingError
+    for name in ("prompt", "response"):
+        if getattr(cfg, name) not in data.columns:  # before the model loads
+            raise SettingError(name, getattr(cfg, name), f"is not a column of {cfg.data} (its columns: {', '.join(map(str, data.columns))})")
     evals = None
     if cfg.eval_split:
         from lowbudget_ft.data import split_dataset
         data, evals = split_dataset(data, eval_size=cfg.eval_split, seed=cfg.seed)
     model, tokenizer = load_for_config(cfg)
-    return finetune(model, tokenizer, data, evals, config=cfg, resume=resume, callbacks=callbacks)
+    return finetune(model, tokenizer, data, evals, config=cfg, resume=resume, callbacks=callbacks, overwrite=overwrite)
 
+# %% ../nbs/12_train.ipynb #8e32513e
+def _first_line(e:BaseException) -> str: return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+
+def _read_model_config(path:str):
+    "The model's `PretrainedConfig`; a damaged config.json is one line naming it."
+    from transformers import AutoConfig
+    try: return AutoConfig.from_pretrained(path)
+    except (OSError, ValueError, KeyError) as e:
+        raise ValueError(f"the model config in {path} can't be read ({_first_line(e)}): restore config.json (save_pretrained writes it).") from None
+
+def _load_weights(load, path:str, **kwargs):
+    "`load(path, **kwargs)`; truncated or damaged weight files are one line naming the folder."
+    try: return load(path, **kwargs)
+    except Exception as e:
+        if not (isinstance(e, OSError) or "safetensor" in type(e).__name__.lower() or "safetensor" in str(e).lower()): raise
+        raise ValueError(f"the model weights in {path} can't be read ({_first_line(e)}): the files are truncated or damaged; "
+                         f"copy or download the model again.") from None
