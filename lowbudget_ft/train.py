@@ -5,16 +5,16 @@
 # %% ../nbs/12_train.ipynb #223f62d2
 from __future__ import annotations
 import contextlib, functools, hashlib, json, math, shutil, sys, time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from .core import gpu_info, memory_stats, reset_peak, fmt_bytes, quiet_known_noise
-from .config import RunConfig, save_config, _replace
+from .config import RunConfig, SettingError, plan_settings, save_config, _replace
 from .checkpoints import (_MARK, _STAGING, _NanGuard, _OomBackoff, _SafeCheckpoints, _latest_checkpoint, _say,
                                       SaveEveryMinutes)
 
 # %% auto #0
-__all__ = ['training_args', 'TrainResult', 'run_record', 'save_adapter', 'TrainingInterrupted', 'finetune', 'load_for_config',
-           'train_from_config']
+__all__ = ['MODEL_SETTINGS', 'training_args', 'TrainResult', 'run_record', 'save_adapter', 'TrainingInterrupted', 'finetune',
+           'load_for_config', 'train_from_config']
 
 # %% ../nbs/12_train.ipynb #b1f07d63
 def _mixed_precision(info) -> dict:
@@ -69,9 +69,10 @@ class TrainResult:
     micro_batch: int|None = None  # examples per forward pass at the end (smaller than batch_size after an OOM back-off)
     grad_accum: int|None = None  # forward passes per optimizer step at the end (larger after a back-off)
     notes: list = field(default_factory=list)  # what the dashboard was told: back-offs, resume
+    trainer: object = field(default=None, repr=False)  # the transformers `Trainer` that ran (its state, log history, optimizer)
 
     def _repr_markdown_(self):
-        return (f"| steps | train loss | peak memory | time | adapter |\n|---|---|---|---|---|\n"
+        return (f"| steps | mean train loss (whole run) | peak memory | time | adapter |\n|---|---|---|---|---|\n"
                 f"| {self.steps} | {self.train_loss:.4f} | {fmt_bytes(self.peak_memory)} | {self.seconds:.0f} s | `{self.adapter_path}` |")
 
 # %% ../nbs/12_train.ipynb #0bc74bb0
@@ -140,12 +141,49 @@ def run_record(model, # the model being trained (a `PeftModel`)
     return out, ident
 
 # %% ../nbs/12_train.ipynb #b46c0e11
+def _prepared(data) -> bool: return hasattr(data, "column_names") and "labels" in data.column_names
+
 def _as_dataset(data, tokenizer, cfg:RunConfig):
     "Tokenised examples from `data` (already tokenised datasets pass through)."
     from lowbudget_ft.data import prepare_dataset
-    if data is None or (hasattr(data, "column_names") and "labels" in data.column_names): return data
+    if data is None or _prepared(data): return data
     return prepare_dataset(data, tokenizer, prompt=cfg.prompt, response=cfg.response, instruction=cfg.instruction,
-                           max_seq_len=cfg.max_seq_len)
+                           max_seq_len=cfg.max_seq_len, sheet=cfg.sheet, template=cfg.template)
+
+def _read_data(cfg:RunConfig):
+    "The table `cfg.data` names ('sample': the bundled complaints' training rows), read before any model work."
+    if cfg.data == "sample":
+        from lowbudget_ft.complaints import load_complaints
+        data = load_complaints("train")
+    else:
+        from lowbudget_ft.data import read_table
+        data = read_table(cfg.data, sheet=cfg.sheet)  # a wrong path or sheet fails fast
+    data.attrs["source_name"] = cfg.data  # the run record names the data as the config does
+    return data
+
+def _hold_out(data, eval_data, cfg:RunConfig) -> tuple:
+    "`(train, eval)`: `cfg.eval_split` of the training rows held out when no evaluation data is given."
+    if not cfg.eval_split or eval_data is not None: return data, eval_data
+    if _prepared(data): raise SettingError("eval_split", cfg.eval_split, "needs a table to split, not prepared examples: pass eval_data= instead")
+    from lowbudget_ft.data import split_dataset
+    name = getattr(data, "attrs", {}).get("source_name") if hasattr(data, "attrs") else None
+    train, evals = split_dataset(data, eval_size=cfg.eval_split, seed=cfg.seed, sheet=cfg.sheet)
+    if name: train.attrs["source_name"] = name
+    return train, evals
+
+# where each model-side setting is made: finetune trains the model it is given, so these come from that model
+MODEL_SETTINGS = dict(model="load_model(name)", bits="load_model(name, bits=...)", double_quant="load_model(name, double_quant=...)",
+                      rank="add_lora(model, rank=...)", alpha="add_lora(model, alpha=...)", dropout="add_lora(model, dropout=...)",
+                      targets="add_lora(model, targets=...)", train_head="add_lora(model, train_head=...)",
+                      train_embeddings="add_lora(model, train_embeddings=...)",
+                      gradient_checkpointing="add_lora(model, gradient_checkpointing=...)")
+
+def _check_model_settings(given:dict, trained:RunConfig):
+    "Refuse a model-side setting given to `finetune` that the model it trains does not have, naming where it is set."
+    for name, v in given.items():
+        if name in MODEL_SETTINGS and v != getattr(trained, name):
+            raise SettingError(name, v, f"is not what the model given to finetune has ({name}={getattr(trained, name)!r}): "
+                                        f"it is set where the model is built, {MODEL_SETTINGS[name]}")
 
 def save_adapter(model, tokenizer, path:str|Path, cfg:RunConfig|None=None) -> Path:
     "Save the LoRA adapter, tokenizer and run config to `path` (main process only)."
@@ -155,16 +193,21 @@ def save_adapter(model, tokenizer, path:str|Path, cfg:RunConfig|None=None) -> Pa
     if cfg is not None: save_config(cfg, path/"run_config.yaml")
     return path
 
-def _predicted_peak(model, cfg:RunConfig) -> int|None:
-    "The planner's peak for this run on the detected GPU (drawn on the dashboard), None on the CPU."
-    if not gpu_info().is_cuda: return None
-    try:
-        from lowbudget_ft.memory import plan_memory
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        return plan_memory(base.config, method="qlora" if cfg.bits < 16 else "lora", bits=min(cfg.bits, 8), rank=cfg.rank,
-                           batch_size=cfg.batch_size, seq_len=cfg.max_seq_len, optimizer=cfg.optimizer,
-                           gradient_checkpointing=cfg.gradient_checkpointing, packing=cfg.packing, recommend=False).total
-    except Exception: return None  # an optional line on a plot: never stop training for it
+def _run_plan(model, cfg:RunConfig, gpu:str|None=None):
+    "The planner's view of this run (its real batch, length, rank, optimizer) on `gpu` or the detected GPU; None on a CPU."
+    if gpu is None and not gpu_info().is_cuda: return None
+    from lowbudget_ft.memory import plan_memory
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    try: return plan_memory(base.config, gpu=gpu, **plan_settings(cfg))
+    except ValueError: return None  # an architecture the planner can't read: the run is not refused for it
+
+def _preflight(model, cfg:RunConfig, gpu:str|None=None):
+    "Refuse, before step 1, a run the planner says won't fit the card (its advice says what to change); else the plan."
+    plan = _run_plan(model, cfg, gpu)
+    if plan is not None and not plan.fits:
+        from lowbudget_ft.memory import WontFitError
+        raise WontFitError(plan)
+    return plan
 
 def _resumed_micro_batch(ckpt:str|None, cfg:RunConfig) -> int|None:
     "The micro-batch a checkpoint was trained with after a back-off."
@@ -204,14 +247,22 @@ def _finished(rec:dict, cfg:RunConfig) -> bool:
     f = rec.get("finished")
     return bool(f) and f.get("max_steps") == cfg.max_steps and f.get("epochs") == cfg.epochs
 
+def _given(config:RunConfig|None, overrides:dict) -> dict:
+    "The settings the caller chose: `overrides`, and the fields of `config` that differ from the defaults."
+    default = RunConfig()
+    chosen = {f.name: getattr(config, f.name) for f in fields(RunConfig) if config and getattr(config, f.name) != getattr(default, f.name)}
+    return chosen | overrides
+
 def finetune(model, # a `PeftModel` (see `add_lora`)
              tokenizer, # its tokenizer
-             train_data, # table path, DataFrame, `Dataset`, or examples from `prepare_dataset`
-             eval_data=None, # same kinds, for the evaluation loss
+             train_data=None, # table path, DataFrame, `Dataset`, or examples from `prepare_dataset`; None = the `data` setting
+             eval_data=None, # same kinds, for the evaluation loss; None = hold out `eval_split` of the training rows
              config:RunConfig|None=None, # the run's settings; `None` = defaults
              resume:bool=False, # continue the run in `output_dir` from its newest good checkpoint (a finished run: nothing to do)
              callbacks:list|None=None, # extra `TrainerCallback`s
              overwrite:bool=False, # replace another run's checkpoints and adapter in `output_dir`
+             training_arguments:dict|None=None, # any other `TrainingArguments` field, e.g. {"report_to": ["wandb"]}
+             check_fit:bool=True, # on a GPU, refuse before step 1 a run the memory planner says won't fit
              **overrides, # any `RunConfig` field, e.g. `max_steps=100`
             ) -> TrainResult:
     "Fine-tune `model` on `train_data` with the live dashboard; saves the adapter to `output_dir/adapter`."
@@ -221,10 +272,15 @@ def finetune(model, # a `PeftModel` (see `add_lora`)
     from lowbudget_ft.dashboard import Dashboard
     from lowbudget_ft.checkpoints import claim_folder, good_checkpoint, _lr_of, _write_run
     cfg = _replace(config or RunConfig(), **overrides)
+    if train_data is None: train_data = _read_data(cfg)
+    elif "data" in overrides: raise SettingError("data", cfg.data, "names the training data, but train_data was given too: pass one of them")
     set_seed(cfg.seed)
+    train_data, eval_data = _hold_out(train_data, eval_data, cfg)
     train_ds, eval_ds = _as_dataset(train_data, tokenizer, cfg), _as_dataset(eval_data, tokenizer, cfg)
     cfg, ident = run_record(model, tokenizer, cfg, train_data, train_ds)  # what is actually trained, not the defaults
-    args, out = training_args(cfg, has_eval=eval_ds is not None), Path(cfg.output_dir)
+    _check_model_settings(_given(config, overrides), cfg)
+    plan = _preflight(model, cfg) if check_fit else _run_plan(model, cfg)
+    args, out = training_args(cfg, has_eval=eval_ds is not None, **(training_arguments or {})), Path(cfg.output_dir)
     rec = claim_folder(out, ident, resume=resume, overwrite=overwrite, write=args.should_save)
     ckpt, skipped = good_checkpoint(out, rec.get("run_id")) if resume and not overwrite else (None, [])
     if resume and ckpt is None and skipped:
@@ -241,7 +297,7 @@ def finetune(model, # a `PeftModel` (see `add_lora`)
     ctrl_c = _StopOnCtrlC()
     trainer.add_callback(ctrl_c)
     dash = Dashboard(mode=cfg.dashboard if args.should_save else "quiet",
-                     gpu_limit=memory_stats()["total"] if gpu_info().is_cuda else None, predicted_peak=_predicted_peak(model, cfg))
+                     gpu_limit=memory_stats()["total"] if gpu_info().is_cuda else None, predicted_peak=plan.total if plan else None)
     trainer.dashboard = dash.attach(trainer)
     if resume: _say(trainer, f"resuming from {ckpt}" if ckpt else f"no complete checkpoint in {out} yet: starting from step 0")
     for s in skipped: _say(trainer, s)
@@ -262,7 +318,7 @@ def finetune(model, # a `PeftModel` (see `add_lora`)
                                                  train_loss=res.training_loss)))
     micro = trainer.micro_batch or cfg.batch_size
     return TrainResult(adapter, dash.history, trainer.state.global_step, res.training_loss, memory_stats()["peak"], seconds,
-                       cfg, micro, cfg.grad_accum * math.ceil(cfg.batch_size / micro), dash.notes)
+                       cfg, micro, cfg.grad_accum * math.ceil(cfg.batch_size / micro), dash.notes, trainer)
 
 
 # %% ../nbs/12_train.ipynb #6ec8c970
@@ -278,7 +334,7 @@ def load_for_config(cfg:RunConfig, # the run
     path = model_path(cfg.model)  # "tiny", "smollm2", a .gguf, a folder, or a hub id (fails at once when offline)
     check_model_config(cfg, _read_model_config(path))  # settings the model can't take, before its weights load
     model, tokenizer = _load_weights(load_model, path, bits=cfg.bits, double_quant=cfg.double_quant, check_fit=check_fit,
-                                     plan_kwargs=dict(rank=cfg.rank, batch_size=cfg.batch_size, seq_len=cfg.max_seq_len))
+                                     plan_kwargs=plan_settings(cfg, with_model=False))
     set_seed(cfg.seed)  # LoRA's initial weights come from the seed: the same config gives the same adapter
     model = add_lora(model, rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout, targets=cfg.targets,
                      gradient_checkpointing=cfg.gradient_checkpointing, train_head=cfg.train_head,
@@ -291,23 +347,12 @@ def train_from_config(cfg:RunConfig, # the run
                       overwrite:bool=False, # replace another run's checkpoints and adapter in `output_dir`
                      ) -> TrainResult:
     "Load the model of `cfg` in its bits, add LoRA, read its data and `finetune`."
-    if cfg.data == "sample":
-        from lowbudget_ft.complaints import load_complaints
-        data = load_complaints("train")
-    else:
-        from lowbudget_ft.data import read_table
-        data = read_table(cfg.data)  # before the model loads: a wrong path fails fast
-    data.attrs["source_name"] = cfg.data  # the run record names the data as the config does
-    from lowbudget_ft.config import SettingError
+    data = _read_data(cfg)  # before the model loads: a wrong path, sheet or column fails fast
     for name in ("prompt", "response"):
         if getattr(cfg, name) not in data.columns:  # before the model loads
             raise SettingError(name, getattr(cfg, name), f"is not a column of {cfg.data} (its columns: {', '.join(map(str, data.columns))})")
-    evals = None
-    if cfg.eval_split:
-        from lowbudget_ft.data import split_dataset
-        data, evals = split_dataset(data, eval_size=cfg.eval_split, seed=cfg.seed)
     model, tokenizer = load_for_config(cfg)
-    return finetune(model, tokenizer, data, evals, config=cfg, resume=resume, callbacks=callbacks, overwrite=overwrite)
+    return finetune(model, tokenizer, data, config=cfg, resume=resume, callbacks=callbacks, overwrite=overwrite)
 
 # %% ../nbs/12_train.ipynb #8e32513e
 def _first_line(e:BaseException) -> str: return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
