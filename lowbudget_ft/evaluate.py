@@ -279,8 +279,9 @@ def eval_loss(model, # a causal LM or `PeftModel`
               batch_size:int=8, # examples per forward pass
              ) -> LossReport:
     "Completion-only loss (answer tokens, labels -100 on the prompt) and perplexity of `model` on `data`."
-    import torch, torch.nn.functional as F
+    import torch
     from lowbudget_ft.data import prepare_dataset
+    from lowbudget_ft.loss import answer_loss
     prepared = hasattr(data, "column_names") and "labels" in data.column_names
     ds = data if prepared else prepare_dataset(data, tokenizer, prompt=prompt, response=response, instruction=instruction,
                                                max_seq_len=None, template=template)
@@ -296,8 +297,8 @@ def eval_loss(model, # a causal LM or `PeftModel`
             inp = torch.tensor([r + [pad] * (n - len(r)) for r in x], device=model.device)  # (batch, n)
             att = torch.tensor([[1] * len(r) + [0] * (n - len(r)) for r in x], device=model.device)
             lab = torch.tensor([list(r) + [-100] * (n - len(r)) for r in y], device=model.device)
-            with torch.no_grad(): logits = model(input_ids=inp, attention_mask=att).logits.float()  # (batch, n, vocab)
-            total += F.cross_entropy(logits[:, :-1].flatten(0, 1), lab[:, 1:].flatten(), ignore_index=-100, reduction="sum").item()
+            with torch.no_grad():  # summed over the answer tokens; logits only there (see `answer_loss`)
+                total += answer_loss(model, dict(input_ids=inp, attention_mask=att), lab, num_items_in_batch=1).item()
             count += int((lab[:, 1:] != -100).sum())
     finally: model.train(was_training)
     if count == 0: raise ValueError("no answer tokens to score (every label is -100); prepare the data with prepare_dataset(..., response=the answer column).")

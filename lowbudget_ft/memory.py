@@ -256,16 +256,18 @@ class MemoryPlan:
         return "\n".join(lines + [f"{'total':<{w}}  {fmt_bytes(self.total):>12}", self.verdict] + [f"- {r}" for r in self.recommendations])
 
 # %% ../nbs/04_memory.ipynb #9544922a
-def _check_settings(method, bits, rank, batch_size, seq_len, optimizer, attn):
+def _check_settings(method, bits, rank, batch_size, seq_len, optimizer, attn, answer_tokens=None, loss_chunk=1024):
     if method not in METHODS: raise ValueError(f"method={method!r} is not supported; choose one of: {', '.join(METHODS)}")
     if method == "qlora" and bits not in (4, 8): raise ValueError(f"bits={bits!r} with method='qlora': choose 4 or 8 (or method='lora' for a 16-bit base)")
     for name, v in (("batch_size", batch_size), ("seq_len", seq_len)):
         if not isinstance(v, int) or v < 1: raise ValueError(f"{name}={v!r} must be a positive integer")
+    for name, v in (("answer_tokens", answer_tokens), ("loss_chunk", loss_chunk)):
+        if v is not None and (not isinstance(v, int) or v < 1): raise ValueError(f"{name}={v!r} must be a positive integer (or None)")
     if method != "full" and (not isinstance(rank, int) or rank < 1): raise ValueError(f"rank={rank!r} must be a positive integer (LoRA rank, e.g. 8, 16, 64)")
     if optimizer not in OPTIMIZERS: raise ValueError(f"optimizer={optimizer!r} is not supported; choose one of: {', '.join(OPTIMIZERS)}")
     if attn not in ("sdpa", "eager", "flash_attention_2"): raise ValueError(f"attn={attn!r} is not supported; choose one of: sdpa, eager, flash_attention_2")
 
-def _components(arch, method, bits, double_quant, rank, targets, batch_size, seq_len, gradient_checkpointing, optimizer, attn, elem, cuda):
+def _components(arch, method, bits, double_quant, rank, targets, batch_size, seq_len, gradient_checkpointing, optimizer, attn, elem, cuda, answer_tokens=None, loss_chunk=1024):
     c = {}
     T = batch_size * seq_len
     if method == "qlora":
@@ -288,7 +290,8 @@ def _components(arch, method, bits, double_quant, rank, targets, batch_size, seq
         c["optimizer state"] = optimizer_bytes(lora, optimizer)
     stream = 4 if method == "qlora" and not cuda else elem  # CPU trace: fp32 stream; CUDA (H200 check): compute dtype
     c["activations"] = activation_bytes(arch, T, seq_len, r, tg, gradient_checkpointing, attn, elem, stream)
-    c["logits + loss"] = 12 * T * arch.vocab + (arch.hidden * arch.vocab * elem if method == "qlora" and elem < 4 else 0)
+    n = T if answer_tokens is None else min(batch_size * min(answer_tokens, seq_len), loss_chunk or T)  # positions with logits
+    c["logits + loss"] = 12 * n * arch.vocab + (arch.hidden * arch.vocab * elem if method == "qlora" and elem < 4 else 0)
     if method == "qlora": c["dequant buffer"] = max((i * o for _, i, o in arch.quantized), default=0) * elem
     c["CUDA context"] = CUDA_CONTEXT if cuda else 0
     dyn = c["activations"] + c["logits + loss"]
@@ -306,6 +309,8 @@ def plan_memory(model, # preset name, local path, hub id or `PretrainedConfig`
                 seq_len:int=512, # tokens per sequence (the longest, or the packed length)
                 gradient_checkpointing:bool=True, # recompute activations in the backward pass
                 optimizer:str="paged_adamw_8bit", # one of `OPTIMIZERS`
+                answer_tokens:int|None=None, # loss positions per sequence (the answer, see `length_report`); None: logits at every position
+                loss_chunk:int|None=1024, # with `answer_tokens`: most positions whose logits exist at once (`lowbudget_ft.loss.LOSS_CHUNK`)
                 packing:bool=False, # packed sequences are all `seq_len` long; the planner always plans for full length
                 attn:str="sdpa", # attention implementation: "sdpa", "flash_attention_2" or "eager"
                 gpu:str|None=None, # card name from `GPUS`, or None for the detected device (RAM on a CPU-only machine)
@@ -313,13 +318,14 @@ def plan_memory(model, # preset name, local path, hub id or `PretrainedConfig`
                 recommend:bool=True, # also search for settings that fit
                ) -> MemoryPlan:
     "Every byte of a fine-tuning run of `model` with these settings, and a verdict against the GPU."
-    _check_settings(method, bits, rank, batch_size, seq_len, optimizer, attn)
+    _check_settings(method, bits, rank, batch_size, seq_len, optimizer, attn, answer_tokens, loss_chunk)
     name, budget, cuda = resolve_gpu(gpu)
     elem = {"bf16": 2, "fp16": 2, "fp32": 4, None: 2 if cuda else 4}.get(dtype, dtype)
     if elem not in (2, 4): raise ValueError(f"dtype={dtype!r}: choose bf16, fp16 or fp32")
     arch = architecture(model)
     kw = dict(method=method, bits=bits, double_quant=double_quant, rank=rank, targets=targets, batch_size=batch_size, seq_len=seq_len,
-              gradient_checkpointing=gradient_checkpointing, optimizer=optimizer, attn=attn)
+              gradient_checkpointing=gradient_checkpointing, optimizer=optimizer, attn=attn,
+              answer_tokens=answer_tokens, loss_chunk=loss_chunk)
     comps = _components(arch, **{k: v for k, v in kw.items()}, elem=elem, cuda=cuda)
     label = getattr(model, "_name_or_path", None) or (str(model) if isinstance(model, (str, Path)) else arch.model_type)
     notes = [] if arch.quantized or method != "qlora" else [f"{arch.model_type}: transformers' bitsandbytes integration quantises no layer of this family (its linears are not plain nn.Linear); the base stays 16-bit"]

@@ -52,7 +52,8 @@ def training_args(cfg:RunConfig, # the run
 def _trainer_class():
     "The transformers `Trainer` with our checkpoints, out-of-memory back-off and NaN guard."
     from transformers import Trainer
-    return type("LowBudgetTrainer", (_NanGuard, _OomBackoff, _SafeCheckpoints, Trainer),
+    from lowbudget_ft.loss import AnswerOnlyLoss  # logits only at the answer tokens
+    return type("LowBudgetTrainer", (AnswerOnlyLoss, _NanGuard, _OomBackoff, _SafeCheckpoints, Trainer),
                 dict(__doc__="`Trainer` with atomic checkpoints, out-of-memory back-off and a NaN guard."))
 
 # %% ../nbs/12_train.ipynb #25860f9e
