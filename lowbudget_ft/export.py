@@ -5,15 +5,16 @@
 # %% ../nbs/14_export.ipynb #5dc3d874
 from __future__ import annotations
 import json, shutil, tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from .core import compute_dtype, gpu_info
+from .core import compute_dtype, gpu_info, fmt_bytes
 from .evaluate import LabelReport, LossReport, _md_table, _peft_or_fail
 from .checkpoints import _publish  # one way to put a finished folder in place: a rename, never half-written
 
 # %% auto #0
-__all__ = ['MERGE_TOL', 'CHECK_PROMPTS', 'write_model_card', 'export_adapter', 'push_adapter', 'MergeReport', 'check_merge',
-           'merge_and_save', 'load_adapter']
+__all__ = ['MERGE_TOL', 'MIN_LABEL_AGREEMENT', 'CHECK_PROMPTS', 'write_model_card', 'export_adapter', 'push_adapter',
+           'MergeReport', 'trained_settings', 'MergePlace', 'merge_place', 'check_merge', 'merge_and_save',
+           'load_adapter']
 
 # %% ../nbs/14_export.ipynb #8535a3e5
 def _fmt_metric(v) -> str:
@@ -92,22 +93,38 @@ def push_adapter(path:str|Path, # a folder written by `export_adapter` (or a mer
 
 # %% ../nbs/14_export.ipynb #f662599f
 MERGE_TOL = {"float32": 1e-4, "bfloat16": 5e-2, "float16": 1e-2}  # max |logit difference| merged vs base+adapter, per unit of the largest |logit|
+MIN_LABEL_AGREEMENT = 0.95  # share of labelled prompts on which the merged and the trained model must name the same label
 CHECK_PROMPTS = ["My card was charged twice for one purchase.", "I cannot log in to online banking.",
                  "Why did my mortgage payment go up?"]
 
 @dataclass
 class MergeReport:
-    "The outcome of a checked merge."
+    "The outcome of a checked merge: the merged model against the model that was trained."
     path: Path|None  # the merged model folder (None for a check alone)
     dtype: str  # dtype of the merge and the check
-    max_diff: float  # max |logit difference| merged vs base+adapter
+    max_diff: float  # max |logit difference| merged vs the reference
     tol: float  # the tolerance it had to meet
     prompts: int  # prompts compared
+    reference: str = "base + adapter"  # what the merged model was compared with
+    into: str = "trained"  # "trained": merged into the base as training saw it; "original": into its unquantised weights
+    label_agreement: float|None = None  # share of prompts whose greedy answers name the same label (None: no labels given)
+    min_agreement: float = MIN_LABEL_AGREEMENT  # the share it had to reach
+    device: str = "cpu"  # where the merge ran
+    notes: list = field(default_factory=list)  # how the merge was placed and what was assumed
     @property
-    def ok(self) -> bool: return self.max_diff <= self.tol
-    def _repr_markdown_(self):
-        if not self.prompts: return f"merged (not checked) → `{self.path}`"
-        return f"merged model {'agrees' if self.ok else 'DISAGREES'} with base+adapter: max logit difference **{self.max_diff:.2e}** (tolerance {self.tol:.1e}, {self.dtype}, {self.prompts} prompts)" + (f" → `{self.path}`" if self.path else "")
+    def logits_ok(self) -> bool: return self.max_diff <= self.tol
+    @property
+    def labels_ok(self) -> bool: return self.label_agreement is None or self.label_agreement >= self.min_agreement
+    @property
+    def ok(self) -> bool: return self.logits_ok and self.labels_ok
+    def summary(self) -> str:
+        if not self.prompts: return f"merged into the {self.into} base on {self.device} (not checked)" + (f" → {self.path}" if self.path else "")
+        lab = "" if self.label_agreement is None else f", same label on {self.label_agreement:.1%} of the prompts (needs {self.min_agreement:.0%})"
+        return (f"merged model (into the {self.into} base, {self.dtype}, on {self.device}) {'agrees' if self.ok else 'DISAGREES'} with "
+                f"{self.reference}: max logit difference {self.max_diff:.2e} (tolerance {self.tol:.1e}, {self.prompts} prompts){lab}"
+                + (f" → {self.path}" if self.path else ""))
+    def __str__(self): return self.summary()
+    def _repr_markdown_(self): return self.summary() + "".join(f"\n- {n}" for n in self.notes)
 
 # %% ../nbs/14_export.ipynb #e3026624
 def _adapter_dir(adapter) -> tuple:
@@ -122,21 +139,64 @@ def _adapter_dir(adapter) -> tuple:
     _peft_or_fail(adapter, "merge_and_save()")
     tmp = Path(tempfile.mkdtemp(prefix="lbft-adapter-"))
     adapter.save_pretrained(tmp)
+    for k, v in _in_memory_run(adapter).items(): (tmp/f".{k}").write_text(json.dumps(v))  # the quantisation it was trained on
     return tmp, tmp
 
-def _load_16bit(name, dtype):
-    "A model loaded unquantised in `dtype` on the GPU (or CPU)."
-    from transformers import AutoModelForCausalLM
-    return AutoModelForCausalLM.from_pretrained(str(name), dtype=dtype, device_map="cuda" if gpu_info().is_cuda else "cpu").eval()
+def _in_memory_run(model) -> dict:
+    "`bits` and `double_quant` of the base under an in-memory `PeftModel`, from its quantisation config."
+    q = getattr(model.get_base_model().config, "quantization_config", None)
+    if q is None: return {"bits": 16}
+    q = q if isinstance(q, dict) else q.to_dict()
+    if q.get("load_in_4bit"): return {"bits": 4, "double_quant": bool(q.get("bnb_4bit_use_double_quant"))}
+    return {"bits": 8} if q.get("load_in_8bit") else {"bits": 16}
 
-def _logits(model, tokenizer, prompts:list):
+def trained_settings(adapter:str|Path, # an adapter folder
+                    ) -> dict:
+    "How the adapter's run loaded its base -- `bits`, `double_quant`, `instruction`, `recorded` -- from `run_config.yaml` (bits 16 when not recorded)."
+    adapter = Path(adapter)
+    out = {"bits": 16, "double_quant": True, "instruction": None, "recorded": False}
+    if (adapter/"run_config.yaml").exists():
+        import yaml
+        d = yaml.safe_load((adapter/"run_config.yaml").read_text()) or {}
+        out.update({k: d[k] for k in ("bits", "double_quant", "instruction") if k in d}, recorded=True)
+    for k in ("bits", "double_quant"):
+        if (adapter/f".{k}").exists(): out[k], out["recorded"] = json.loads((adapter/f".{k}").read_text()), True
+    return out
+
+def _base_name(name) -> str:
+    "A base recorded in the adapter as `from_pretrained` takes it ('tiny', 'smollm2' and .gguf files resolved)."
+    from lowbudget_ft.models import model_path
+    return model_path(str(name))
+
+def _load_16bit(name, dtype, device:str|None=None):
+    "A model loaded unquantised in `dtype` on `device` (default: the GPU, or the CPU)."
+    from transformers import AutoModelForCausalLM
+    device = device or ("cuda" if gpu_info().is_cuda else "cpu")
+    return AutoModelForCausalLM.from_pretrained(_base_name(name), dtype=dtype, device_map=device).eval()
+
+def _load_as_trained(name, bits:int, double_quant:bool, device:str|None=None):
+    "The base exactly as training loaded it: quantised to `bits` (NF4 / LLM.int8) in the card's compute dtype."
+    from lowbudget_ft.loading import load_model
+    kw = {"device_map": device} if device else {}
+    return load_model(name, bits=bits, double_quant=double_quant, check_fit=False, **kw)[0].eval()
+
+def _dequantised_base(name, bits:int, double_quant:bool, dtype, device:str|None=None):
+    "The quantised base as training saw it, its 4/8-bit weights dequantised (bitsandbytes) to plain `dtype` linears."
+    import logging
+    model = _load_as_trained(name, bits, double_quant, device)
+    tlog = logging.getLogger("transformers.quantizers.base"); lvl = tlog.level; tlog.setLevel(logging.ERROR)
+    try: model = model.dequantize()  # transformers: each Linear4bit -> nn.Linear holding bnb.functional.dequantize_4bit(weight)
+    finally: tlog.setLevel(lvl)
+    return model.to(dtype).eval()
+
+def _logits(model, tokenizer, prompts:list, instruction=None, template=None):
     "Last-layer logits for each prompt (formatted as in training), as float32 on the CPU."
     import torch
     from lowbudget_ft.data import format_prompt, encode_prompt
     out = []
     with torch.no_grad():
         for p in prompts:
-            ids = torch.tensor([encode_prompt(format_prompt(p, tokenizer), tokenizer)], device=model.device)
+            ids = torch.tensor([encode_prompt(format_prompt(p, tokenizer, instruction=instruction, template=template), tokenizer)], device=model.device)
             out.append(model(input_ids=ids).logits[0].float().cpu())
     return out
 
@@ -152,27 +212,95 @@ def _base_and_tokenizer(adapter:Path, base):
     base = base or json.loads((adapter/"adapter_config.json").read_text())["base_model_name_or_path"]
     return base, _adapter_tokenizer(adapter, base)
 
+# %% ../nbs/14_export.ipynb #9f78a629
+@dataclass
+class MergePlace:
+    "Where a merge runs and why: the planned bytes against the device's."
+    device: str  # "cuda" or "cpu"
+    needs: int  # planned bytes on the GPU: the 16-bit merged model + the quantised one being dequantised + CUDA context
+    budget: int  # usable bytes of the card (0 without a GPU)
+    card: str  # the card planned against
+    def __str__(self):
+        if self.budget == 0: return "no GPU: merging on the CPU"
+        return (f"merging on the GPU: {fmt_bytes(self.needs)} of {self.card}'s {fmt_bytes(self.budget)}" if self.device == "cuda" else
+                f"merging on the CPU: the merge needs {fmt_bytes(self.needs)} on the GPU, more than {self.card}'s {fmt_bytes(self.budget)}")
+
+def merge_place(base, # the base model: preset name, local path, hub id or `PretrainedConfig`
+                dtype=None, # dtype of the merged weights; None = the card's (bf16/fp16), float32 on the CPU
+                bits:int=4, # bits the base was trained in (4/8 dequantised; 16 = loaded as is)
+                double_quant:bool=True, # NF4 double quantisation of that base
+                gpu:str|None=None, # plan against this card ("T4", "A100-40", ...) instead of the detected device
+               ) -> MergePlace:
+    "Merge on the GPU when the planner's weights figures fit the card, else on the CPU."
+    import torch
+    from lowbudget_ft.memory import plan_memory, resolve_gpu, weights_estimate, CUDA_CONTEXT
+    card, budget, cuda = resolve_gpu(gpu)
+    if not cuda: return MergePlace("cpu", 0, 0, card)
+    elem = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "bf16") if dtype is not None else None
+    kw = dict(gpu=gpu, dtype=elem, recommend=False)
+    w16 = weights_estimate(plan_memory(base, method="lora", **kw))
+    wq = weights_estimate(plan_memory(base, method="qlora", bits=bits, double_quant=double_quant, **kw)) if bits < 16 else 0
+    needs = w16 + wq + CUDA_CONTEXT
+    return MergePlace("cuda" if needs <= budget else "cpu", needs, budget, card)
+
 # %% ../nbs/14_export.ipynb #a72adf9b
+def _reference(adapter:Path, base, run:dict, against:str, dtype, device=None):
+    "`(model, description)`: the trained model (the base as training loaded it + adapter), or the 16-bit base + adapter."
+    from peft import PeftModel
+    if against not in ("trained", "original"): raise ValueError(f"against={against!r}: use 'trained' (the model as trained) or 'original' (16-bit base + adapter).")
+    if against == "trained" and run["bits"] < 16:
+        what = f"the trained model ({run['bits']}-bit {'NF4' if run['bits'] == 4 else 'LLM.int8'} base + adapter)"
+        return PeftModel.from_pretrained(_load_as_trained(base, run["bits"], run["double_quant"]), adapter).eval(), what
+    return PeftModel.from_pretrained(_load_16bit(base, dtype, device), adapter).eval(), f"the 16-bit base + adapter"
+
+def _answers(model, tok, prompts, labels, instruction, template, max_new_tokens) -> list:
+    from lowbudget_ft.evaluate import generate, parse_label
+    return [parse_label(a, labels) for a in generate(model, tok, prompts, instruction=instruction, template=template, max_new_tokens=max_new_tokens)]
+
 def check_merge(merged:str|Path, # a merged model folder
                 adapter:str|Path, # the adapter folder it was merged from
                 base:str|None=None, # base model; None = the one recorded in the adapter
                 dtype=None, # dtype of the comparison; None = bf16/fp16 on the GPU, float32 on the CPU
-                prompts:list|None=None, # texts to compare on; None = `CHECK_PROMPTS`
+                prompts:list|None=None, # held-out texts to compare on; None = `CHECK_PROMPTS`
                 tol:float|None=None, # max |logit difference| allowed (absolute); None = `MERGE_TOL` for the dtype x logit scale
+                labels:list|None=None, # the valid labels: also compare the labels the greedy answers name
+                instruction:str|None=None, # the instruction used in training; None = the one in run_config.yaml
+                template:str|None=None, # the prompt template used in training (None = chat or default)
+                against:str="trained", # "trained": the model as trained (4-bit base + adapter for QLoRA); "original": 16-bit base + adapter
+                bits:int|None=None, # bits the adapter was trained in; None = as recorded (run_config.yaml), else 16
+                min_agreement:float=MIN_LABEL_AGREEMENT, # share of prompts that must name the same label
+                strict:bool=True, # raise when they disagree (False: report only)
+                max_new_tokens:int=16, # answer length for the label comparison
+                device:str|None=None, # where to load the merged model ("cuda"/"cpu"); None = the GPU, or the CPU
                ) -> MergeReport:
-    "Compare a merged model (plain transformers) with base+adapter; raise if the logits differ beyond `tol`."
-    from peft import PeftModel
+    "Compare a merged model (plain transformers) with the model that was trained; raise if logits or labels differ."
     from lowbudget_ft.core import free_memory
     adapter, _ = _adapter_dir(adapter)
     base, tok = _base_and_tokenizer(adapter, base)
-    dtype, prompts = dtype or compute_dtype(), prompts or CHECK_PROMPTS
+    run = trained_settings(adapter)
+    if bits is not None: run["bits"] = bits
+    instruction = instruction if instruction is not None else run["instruction"]
+    dtype, prompts = dtype or compute_dtype(), [str(p) for p in (prompts or CHECK_PROMPTS)]
     name = str(dtype).removeprefix("torch.")
-    ref = _logits(PeftModel.from_pretrained(_load_16bit(base, dtype), adapter).eval(), tok, prompts)
+    fmt = dict(instruction=instruction, template=template)
+    model, what = _reference(adapter, base, run, against, dtype)
+    ref = _logits(model, tok, prompts, **fmt)
+    ref_labels = _answers(model, tok, prompts, labels, instruction, template, max_new_tokens) if labels else None
+    del model; free_memory()
     if tol is None: tol = MERGE_TOL.get(name, 5e-2) * max(1.0, max(float(r.abs().max()) for r in ref))
-    free_memory()
-    got = _logits(_load_16bit(merged, dtype), tok, prompts)
-    rep = MergeReport(None, name, _max_diff(ref, got), tol, len(prompts))
-    if not rep.ok: raise ValueError(f"merged model {merged} disagrees with base+adapter: max logit difference {rep.max_diff:.3g} > tolerance {tol:g} ({name}); do not ship it (merge again from the adapter in float32, or check base= is the model the adapter was trained on).")
+    merged_model = _load_16bit(merged, dtype, device)
+    got = _logits(merged_model, tok, prompts, **fmt)
+    agree = None
+    if labels: agree = sum(a == b for a, b in zip(ref_labels, _answers(merged_model, tok, prompts, labels, instruction, template, max_new_tokens))) / len(prompts)
+    del merged_model; free_memory()
+    notes = [] if run["recorded"] or bits is not None else ["the adapter records no run_config.yaml: assumed it was trained on the 16-bit base (pass bits=4 for a QLoRA adapter)"]
+    rep = MergeReport(None, name, _max_diff(ref, got), tol, len(prompts), what, min_agreement=min_agreement, label_agreement=agree,
+                      device=str(device or ("cuda" if gpu_info().is_cuda else "cpu")), notes=notes)
+    if strict and not rep.ok:
+        why = (f"max logit difference {rep.max_diff:.3g} > tolerance {tol:g} ({name})" if not rep.logits_ok else
+               f"the greedy answers name the same label on only {agree:.1%} of {len(prompts)} prompts (needs {min_agreement:.0%})")
+        raise ValueError(f"merged model {merged} disagrees with {what}: {why}; do not ship it (merge again from the adapter "
+                         "with into='trained' in float32, or check base= is the model the adapter was trained on).")
     return rep
 
 # %% ../nbs/14_export.ipynb #70a0c1b5
@@ -181,45 +309,69 @@ def merge_and_save(adapter_path, # adapter folder (or an in-memory `PeftModel`) 
                    dtype=None, # dtype of the merged weights; None = bf16/fp16 on the GPU, float32 on the CPU
                    overwrite:bool=False, # replace a non-empty `out_dir`
                    base:str|None=None, # base model; None = the one recorded in the adapter
-                   check:bool=True, # reload the merged model and compare its logits with base+adapter
-                   prompts:list|None=None, # texts for the check; None = `CHECK_PROMPTS`
+                   check:bool=True, # reload the merged model and compare it with the trained model
+                   prompts:list|None=None, # held-out texts for the check; None = `CHECK_PROMPTS`
                    tol:float|None=None, # absolute tolerance for the check; None = `MERGE_TOL` for the dtype x logit scale
+                   into:str="trained", # "trained": the base as training saw it (NF4 dequantised for QLoRA); "original": its unquantised weights
+                   labels:list|None=None, # the valid labels: the check also compares the labels the greedy answers name
+                   instruction:str|None=None, # the instruction used in training; None = the one in run_config.yaml
+                   template:str|None=None, # the prompt template used in training (None = chat or default)
+                   bits:int|None=None, # bits the adapter was trained in; None = as recorded (run_config.yaml or the in-memory model), else 16
+                   gpu:str|None=None, # plan the merge's memory against this card instead of the detected one
+                   device:str|None=None, # "cuda" or "cpu" to force where it merges; None = `merge_place` decides
                   ) -> MergeReport:
-    "Merge a LoRA adapter into an unquantised copy of its base, save it with the tokenizer, and check it."
+    "Merge a LoRA adapter into its base as training saw it, save it with the tokenizer, and check it against the trained model."
     from peft import PeftModel
     from lowbudget_ft.core import free_memory
+    if into not in ("trained", "original"): raise ValueError(f"into={into!r}: use 'trained' (the base as training saw it) or 'original' (its unquantised weights).")
     out = Path(out_dir)
     _check_out_dir(out, overwrite)
     adapter, tmp_adapter = _adapter_dir(adapter_path)
-    if out.resolve() == adapter.resolve(): raise ValueError(f"out_dir {out} is the adapter folder itself: choose a separate folder for the merged model.")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
+        if out.resolve() == adapter.resolve(): raise ValueError(f"out_dir {out} is the adapter folder itself: choose a separate folder for the merged model.")
+        run = trained_settings(adapter)
+        if bits is not None: run["bits"] = bits
         base, tok = _base_and_tokenizer(adapter, base)
         dtype = dtype or compute_dtype()
-        model = PeftModel.from_pretrained(_load_16bit(base, dtype), adapter).merge_and_unload()
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        del model; free_memory()
-        name = str(dtype).removeprefix("torch.")
-        rep = check_merge(tmp, adapter, base, dtype, prompts, tol) if check else MergeReport(None, name, float("nan"), float("nan"), 0)
-        _publish(tmp, out)
-        rep.path = out
-        return rep
+        dq = into == "trained" and run["bits"] < 16
+        place = merge_place(_base_name(base), dtype, run["bits"] if dq else 16, run["double_quant"], gpu)
+        device = device or place.device
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+        try:
+            start = _dequantised_base(base, run["bits"], run["double_quant"], dtype, device) if dq else _load_16bit(base, dtype, device)
+            model = PeftModel.from_pretrained(start, adapter).merge_and_unload()
+            model.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+            del model, start; free_memory()
+            name = str(dtype).removeprefix("torch.")
+            if check:
+                rep = check_merge(tmp, adapter, base, dtype, prompts, tol, labels, instruction, template, against="trained",
+                                  bits=run["bits"], strict=into == "trained", device=device)
+            else: rep = MergeReport(None, name, float("nan"), float("nan"), 0)
+            rep.into, rep.device = into, device
+            rep.notes = [str(place)] + ([f"merged into the dequantised {run['bits']}-bit base, as training saw it"] if dq else []) + rep.notes
+            if into == "original" and run["bits"] < 16:
+                rep.notes.append(f"into='original': merged into the unquantised base, which the adapter was not trained on ({run['bits']}-bit); compare the figures above before shipping it")
+            _publish(tmp, out)
+            rep.path = out
+            return rep
+        finally: shutil.rmtree(tmp, ignore_errors=True)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
         if tmp_adapter: shutil.rmtree(tmp_adapter, ignore_errors=True)
 
 # %% ../nbs/14_export.ipynb #a9b64aa5
 def load_adapter(path:str|Path, # a directory written by `save_adapter` / `finetune`
-                 bits:int=4, # how to load the base model: 4, 8 or 16
+                 bits:int|None=None, # how to load the base model: 4, 8 or 16; None = as the run did (run_config.yaml), else 4
                  base:str|None=None, # base model to use instead of the one recorded in the adapter
                 ):
-    "Load base model + saved LoRA adapter for inference; returns `(model, tokenizer)`."
+    "Load base model + saved LoRA adapter for inference, the base quantised as in training; returns `(model, tokenizer)`."
     from peft import PeftModel
     from lowbudget_ft.loading import load_model
     path = Path(path)
     if not (path/"adapter_config.json").exists(): raise FileNotFoundError(f"{path} holds no adapter (adapter_config.json is missing): pass the directory finetune() reported as adapter_path.")
+    run = trained_settings(path)
+    bits = bits or (run["bits"] if run["recorded"] else 4)
     base, tok = _base_and_tokenizer(path, base)
-    model, _ = load_model(base, bits=bits, check_fit=False)
+    model, _ = load_model(base, bits=bits, double_quant=run["double_quant"], check_fit=False)
     return PeftModel.from_pretrained(model, path), tok
