@@ -92,7 +92,8 @@ _SITUATIONS = {
          "You suspended my online access for a security review and nobody can tell me when it ends.",
          "My savings were blocked after a large deposit and I cannot withdraw a cent."],
         ["You keep asking me to verify my identity but the upload page fails every time.",
-         "The branch at {branch} asked for two forms of ID to unlock my profile, I brought three and they still refused.",
+         "The branch at {branch} asked for two forms of ID to unlock my profile, I brought three and they still "
+         "refused.",
          "My selfie check for identity verification was rejected {count} times."],
         ["My PIN was locked after three tries and the cash machine kept the card.",
          "I forgot my security answers and now telephone banking will not talk to me.",
@@ -202,9 +203,11 @@ def _fill(text:str, # template with `{slot}` placeholders
     "Replace each `{slot}` in `text` with a random amount, date, merchant, branch, name ..."
     def one(m):
         k = m.group(1)
-        if k in ("amount", "amount2"): return f"${rng.choice([rng.randint(12, 99), rng.randint(100, 2500)])}.{rng.randint(0, 99):02d}"
+        if k in ("amount", "amount2"):
+            return f"${rng.choice([rng.randint(12, 99), rng.randint(100, 2500)])}.{rng.randint(0, 99):02d}"
         if k == "fee": return f"${rng.choice([5, 12, 15, 25, 30, 35, 39, 95])}"
-        if k == "date": return rng.choice([f"{rng.choice(_FILL['month'])} {rng.randint(1, 28)}", f"{rng.randint(1, 12)}/{rng.randint(1, 28)}",
+        if k == "date": return rng.choice([f"{rng.choice(_FILL['month'])} {rng.randint(1, 28)}",
+                                           f"{rng.randint(1, 12)}/{rng.randint(1, 28)}",
                                            "Tuesday", "the 3rd", "the 21st", "Friday"])
         if k == "count": return rng.choice(["two", "three", "four", "five", "six", "7", "10"])
         if k == "weeks": return str(rng.randint(3, 14))
@@ -270,7 +273,8 @@ def make_complaints(n:int=1200, # number of complaints (rows)
                    ) -> "pd.DataFrame":
     "Synthetic bank complaints with columns `id, complaint, category, split`, balanced, with a fixed 80/20 split."
     import pandas as pd
-    if n < len(CATEGORIES): raise ValueError(f"n={n} is too small: make_complaints needs n >= {len(CATEGORIES)} (one per category).")
+    if n < len(CATEGORIES): raise ValueError(f"n={n} is too small: make_complaints needs n >= {len(CATEGORIES)} (one "
+                                             "per category).")
     rng = random.Random(seed)
     cats = [CATEGORIES[i % len(CATEGORIES)] for i in range(n)]
     rng.shuffle(cats)
@@ -301,7 +305,8 @@ def load_complaints(split:str|None=None, # None for all rows, or "train" / "test
                    ) -> "pd.DataFrame":
     "The shipped sample complaints (`id, complaint, category, split`), all rows or one `split`."
     import pandas as pd
-    if split not in (None, "train", "test"): raise ValueError(f"split={split!r} is not valid; use None, 'train' or 'test'.")
+    if split not in (None, "train", "test"): raise ValueError(f"split={split!r} is not valid; use None, 'train' or "
+                                                              "'test'.")
     df = pd.read_csv(sample_path("csv"))
     return df if split is None else df[df["split"] == split].reset_index(drop=True)
 

@@ -80,7 +80,7 @@ def small_model_flow(rec, path, tag, a, deadline, work):
                                                                    plan_kwargs=dict(batch_size=s["batch_size"], seq_len=s["max_seq_len"])), deadline)
     if m is None: return
     model, tok = m
-    model = add_lora(model, r=s["rank"])
+    model = add_lora(model, rank=s["rank"])
     def before(p):
         with model.disable_adapter(): r = evaluate_labels(model, tok, test_df, **lab)
         p["accuracy"], p["unparsed"] = r.accuracy, sum(x is None for x in r.predicted); return r
@@ -169,7 +169,7 @@ def big_model_flow(rec, a, deadline, work):
                                                               plan_kwargs=dict(batch_size=s["batch_size"], seq_len=s["max_seq_len"])), deadline)
     if m is None: return
     model, tok = m
-    model = add_lora(model, r=s["rank"])
+    model = add_lora(model, rank=s["rank"])
     def train(p):
         p.update(plan(arch, rank=s["rank"], batch_size=s["batch_size"], seq_len=s["max_seq_len"]), settings=s)
         res = finetune(model, tok, df[df.split == "train"][["complaint", "category"]], prompt="complaint", response="category", **s)
@@ -179,7 +179,7 @@ def big_model_flow(rec, a, deadline, work):
     base = model.get_base_model()
     for r in (DRY["ranks"] if a.dry_run else RANKS):
         model = model.unload() if hasattr(model, "unload") else base
-        model = add_lora(model, r=r)
+        model = add_lora(model, rank=r)
         for b, sl in (DRY["grid"] if a.dry_run else GRID):
             def g(p, b=b, sl=sl, r=r):
                 p.update(plan(arch, rank=r, batch_size=b, seq_len=sl), batch=b, seq=sl, rank=r, gradient_checkpointing=True)

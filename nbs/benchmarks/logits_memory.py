@@ -101,7 +101,7 @@ def saved_bytes(model, batch, answer_only:bool) -> int:
 
 def bench(name, path, steps, repeats, batch, bf16):
     model, tok = load_model(path, bits=4)
-    model = add_lora(model, r=16, dropout=0.0)
+    model = add_lora(model, rank=16, dropout=0.0)
     init = {k: v.clone() for k, v in get_peft_model_state_dict(model).items()}
     ds = prepare_dataset(load_complaints("train").head(steps * batch), tok, prompt="complaint", response="category", max_seq_len=256)
     lens = [len(x) for x in ds["input_ids"]]
