@@ -240,7 +240,11 @@ class Comparison:
         b, t = (self.df["base ✓"] == "✓").sum(), (self.df["tuned ✓"] == "✓").sum()
         return f"{len(self.df)} prompts: base right on {b}, tuned right on {t}"
     def _repr_markdown_(self): return f"{self.summary()}\n\n" + _md_table(self.df.values.tolist(), self._cols())
-    def _repr_html_(self): return f"<p>{self.summary()}</p>" + self.df.to_html(index=False, escape=True)
+    def _repr_html_(self):
+        "The table with text left-aligned (long complaints read like text, not numbers)."
+        return (f"<p>{self.summary()}</p>" + self.df.style.format(escape="html").hide(axis="index")
+                .set_properties(**{"text-align": "left"})
+                .set_table_styles([dict(selector="th", props=[("text-align", "left")])]).to_html())
 
 def _peft_or_fail(model, what:str):
     "Raise unless `model` carries a peft adapter."

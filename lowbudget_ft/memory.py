@@ -504,9 +504,9 @@ def _plot(self:MemoryPlan, ax=None):
     "Stacked bar of the plan's components against the device's usable memory; returns the figure."
     import matplotlib.pyplot as plt
     fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(4, 5))
-    bottom = 0
-    for k, v in self.components.items():
-        if v: ax.bar(0, v / _GiB, bottom=bottom / _GiB, label=k, width=0.5); bottom += v
+    bottom, colours = 0, plt.get_cmap("tab20").colors  # 20 distinct colours: no two components share one
+    for i, (k, v) in enumerate(self.components.items()):
+        if v: ax.bar(0, v / _GiB, bottom=bottom / _GiB, label=k, width=0.5, color=colours[i % 20]); bottom += v
     ax.axhline(self.budget / _GiB, color="red", ls="--", label=f"{self.gpu} limit")
     ax.set_xticks([]); ax.set_ylabel("GiB"); ax.set_title(("fits" if self.fits else "does not fit") + f" on {self.gpu}")
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1, 1)); fig.tight_layout()

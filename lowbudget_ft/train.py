@@ -211,18 +211,22 @@ def save_adapter(model, tokenizer, path:str|Path, cfg:RunConfig|None=None) -> Pa
     if cfg is not None: save_config(cfg, path/"run_config.yaml")
     return path
 
-def _run_plan(model, cfg:RunConfig, gpu:str|None=None):
-    ("The planner's view of this run (its real batch, length, rank, optimizer) on `gpu` or the detected GPU; None on "
-     "a CPU.")
+def _answer_tokens(ds) -> int|None:
+    "The most loss positions (answer tokens) of any example: the logits the loss builds per sequence."
+    if ds is None or "labels" not in getattr(ds, "column_names", []) or not len(ds): return None
+    return max(sum(l != -100 for l in x) for x in ds["labels"]) or None
+
+def _run_plan(model, cfg:RunConfig, gpu:str|None=None, **changes):
+    "The planner's view of this run (its real batch, length, rank, optimizer) on `gpu` or the detected GPU; else None."
     if gpu is None and not gpu_info().is_cuda: return None
     from lowbudget_ft.memory import plan_memory
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    try: return plan_memory(base.config, gpu=gpu, **plan_settings(cfg))
+    try: return plan_memory(base.config, gpu=gpu, **plan_settings(cfg, **changes))
     except ValueError: return None  # an architecture the planner can't read: the run is not refused for it
 
-def _preflight(model, cfg:RunConfig, gpu:str|None=None):
+def _preflight(model, cfg:RunConfig, gpu:str|None=None, **changes):
     "Refuse, before step 1, a run the planner says won't fit the card (its advice says what to change); else the plan."
-    plan = _run_plan(model, cfg, gpu)
+    plan = _run_plan(model, cfg, gpu, **changes)
     if plan is not None and not plan.fits:
         from lowbudget_ft.memory import WontFitError
         raise WontFitError(plan)
@@ -302,7 +306,8 @@ def finetune(model, # a `PeftModel` (see `add_lora`)
     train_ds, eval_ds = _as_dataset(train_data, tokenizer, cfg), _as_dataset(eval_data, tokenizer, cfg)
     cfg, ident = run_record(model, tokenizer, cfg, train_data, train_ds)  # what is actually trained, not the defaults
     _check_model_settings(_given(config, overrides), cfg)
-    plan = _preflight(model, cfg) if check_fit else _run_plan(model, cfg)
+    answers = dict(answer_tokens=_answer_tokens(train_ds))  # logits exist only at the answers (see `loss`)
+    plan = _preflight(model, cfg, **answers) if check_fit else _run_plan(model, cfg, **answers)
     args, out = training_args(cfg, has_eval=eval_ds is not None, **(training_arguments or {})), Path(cfg.output_dir)
     rec = claim_folder(out, ident, resume=resume, overwrite=overwrite, write=args.should_save)
     ckpt, skipped = good_checkpoint(out, rec.get("run_id")) if resume and not overwrite else (None, [])
