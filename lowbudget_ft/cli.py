@@ -133,7 +133,7 @@ def run_demo(a) -> dict:
              q)
         with model.disable_adapter(): before = _accuracy(model, tok, test, a, labels, n_eval)
         _say(f"      {before.accuracy:.1%} ({before.unparsed} answers named no label)", q)
-        _say(f"[6/7] Accuracy after training", q)
+        _say("[6/7] Accuracy after training", q)
         after = _accuracy(model, tok, test, a, labels, n_eval)
         _say(f"      {after.accuracy:.1%} ({after.unparsed} answers named no label)", q)
         sample = _side_by_side(model, tok, test, a, labels)
@@ -275,15 +275,18 @@ def main(argv:list|None=None) -> int:
     a = _parser().parse_args(argv)
     _quiet_libraries()
     try: return {"demo": _demo, "doctor": _doctor}[a.command](a)
-    except (ValueError, OSError, KeyError) as e:
-        print(f"lowbudget-ft {a.command}: error: {_one_line(e, DEMO_FLAGS)}", file=sys.stderr)
-        return 2
-    except MemoryError as e:
-        print(f"lowbudget-ft {a.command}: {_one_line(e)}", file=sys.stderr)
-        return 3
-    except KeyboardInterrupt:
-        print(f"lowbudget-ft {a.command}: interrupted (Ctrl-C); nothing was kept.", file=sys.stderr)
-        return 130
+    except (ValueError, OSError, KeyError, MemoryError, KeyboardInterrupt) as e: return _fail(a.command, e, DEMO_FLAGS)
+
+def _fail(command:str, # the subcommand, e.g. "demo"
+          e:BaseException, # what stopped it
+          flags:dict|None=None, # settings named as the command's flags (see `_one_line`)
+         ) -> int:
+    "Print `e` as the command's one error line; return its exit code: 3 out of memory, 130 Ctrl-C, else 2 (bad input)."
+    if isinstance(e, KeyboardInterrupt): msg, code = "interrupted (Ctrl-C); nothing was kept.", 130
+    elif isinstance(e, MemoryError): msg, code = _one_line(e), 3
+    else: msg, code = f"error: {_one_line(e, flags)}", 2
+    print(f"lowbudget-ft {command}: {msg}", file=sys.stderr)
+    return code
 
 def _entry(): sys.exit(main())
 
@@ -296,7 +299,7 @@ def plan_command(argv:list[str]|None=None, # arguments after `lowbudget-ft plan`
     ap.add_argument("--gpu", default=None, help=f"card to plan for: {', '.join(GPUS)} (default: the detected device)")
     ap.add_argument("--method", default="qlora", help="qlora, lora or full")
     ap.add_argument("--bits", type=int, default=4); ap.add_argument("--no-double-quant", action="store_true")
-    ap.add_argument("--batch-size", type=int, default=1); ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--batch-size", type=int, default=1); ap.add_argument("--max-seq-len", type=int, default=512)
     ap.add_argument("--rank", type=int, default=16); ap.add_argument("--optimizer", default="paged_adamw_8bit")
     ap.add_argument("--no-checkpointing", action="store_true"); ap.add_argument("--json", action="store_true")
     try: a = ap.parse_args(argv)
@@ -304,7 +307,7 @@ def plan_command(argv:list[str]|None=None, # arguments after `lowbudget-ft plan`
     try:
         plan = plan_memory(a.model, method=a.method, bits=a.bits, double_quant=not a.no_double_quant, rank=a.rank,
                            batch_size=a.batch_size,
-                           seq_len=a.seq_len, gradient_checkpointing=not a.no_checkpointing, optimizer=a.optimizer,
+                           max_seq_len=a.max_seq_len, gradient_checkpointing=not a.no_checkpointing, optimizer=a.optimizer,
                                    gpu=a.gpu)
     except (ValueError, FileNotFoundError) as e:
         print(f"lowbudget-ft plan: {e}", file=sys.stderr); return 2
@@ -391,12 +394,7 @@ def export_command(argv:list|None=None, # arguments after `lowbudget-ft export`
         if a.gguf:
             f = export_gguf(out/"merged", out/"gguf", quant=a.gguf)
             print(f"GGUF: {f}; for Ollama: ollama create NAME -f {f.parent/'Modelfile'}")
-    except (ValueError, OSError, ImportError) as e:
-        print(f"lowbudget-ft export: error: {_one_line(e).replace('overwrite=True', '--overwrite')}", file=sys.stderr)
-        return 2
-    except MemoryError as e:
-        print(f"lowbudget-ft export: {_one_line(e)}", file=sys.stderr)
-        return 3
+    except (ValueError, OSError, ImportError, MemoryError, KeyboardInterrupt) as e: return _fail("export", e)
     return 0
 
 # %% ../nbs/16_cli.ipynb #9b61f8ec

@@ -209,7 +209,7 @@ def plan_settings(cfg:RunConfig, # the run
                  ) -> dict:
     "`plan_memory` settings for the run `cfg`."
     from lowbudget_ft.memory import OPTIMIZERS as PLANNED
-    s = dict(rank=cfg.rank, batch_size=cfg.batch_size, seq_len=cfg.max_seq_len,
+    s = dict(rank=cfg.rank, batch_size=cfg.batch_size, max_seq_len=cfg.max_seq_len,
              gradient_checkpointing=cfg.gradient_checkpointing,
              packing=cfg.packing)
     if cfg.optimizer in PLANNED: s["optimizer"] = cfg.optimizer  # others are planned as the default 8-bit optimizer

@@ -87,7 +87,7 @@ def load_model(name:str|Path, # local model directory or hub id
                dtype=None, # compute dtype; `None` picks bf16/fp16/fp32 for the card
                check_fit:bool=True, # refuse, before downloading, a model that won't fit the card
                gpu:str|None=None, # plan against this card ("T4", "A100-40", ...) instead of the detected one
-               plan_kwargs:dict|None=None, # training settings for the fit check (batch_size, seq_len, rank, ...)
+               plan_kwargs:dict|None=None, # training settings for the fit check (batch_size, max_seq_len, rank, ...)
                # load for FSDP (quant storage = compute dtype, no device_map); None: when `accelerate launch` runs FSDP
                fsdp:bool|None=None,
                **kwargs, # passed to `AutoModelForCausalLM.from_pretrained`

@@ -218,7 +218,7 @@ def _targets(arch:Arch, targets, method):
 # %% ../nbs/04_memory.ipynb #dbd4cbd2
 def activation_bytes(arch:Arch, # from `architecture`
                      tokens:int, # batch size x sequence length
-                     seq_len:int, # sequence length (eager attention's s x s term)
+                     max_seq_len:int, # sequence length (eager attention's s x s term)
                      rank:int=16, # LoRA rank (0 for full fine-tuning)
                      targets:list|None=None, # targeted linears (name, in, out); None: every decoder linear
                      gradient_checkpointing:bool=True, # recompute layers in the backward pass
@@ -232,7 +232,7 @@ def activation_bytes(arch:Arch, # from `architecture`
             len(lins) // max(arch.layers, 1))]
     h, i = arch.hidden, arch.intermediate
     tok = 6 * 4 * h + i * (4 + 3 * stream) + elem * (2 * arch.q_dim + 2 * arch.kv_dim) + 4 * arch.heads
-    if attn == "eager": tok += arch.heads * seq_len * (4 + elem)
+    if attn == "eager": tok += arch.heads * max_seq_len * (4 + elem)
     tok += elem * sum(l[1] for l in per_layer) + elem * rank * len(per_layer)
     final = 2 * 4 * h * tokens
     if gradient_checkpointing: return arch.layers * tokens * h * stream + tokens * tok + final
@@ -283,7 +283,7 @@ class MemoryPlan:
         rows = [f"| {k} | {fmt_bytes(v)} | {100 * v / max(self.total, 1):.1f}% |" for k,
                 v in self.components.items() if v]
         s = self.settings
-        head = (f"**{s.get('model', '')}** · {s.get('method')} · batch {s.get('batch_size')} × seq {s.get('seq_len')} "
+        head = (f"**{s.get('model', '')}** · {s.get('method')} · batch {s.get('batch_size')} × seq {s.get('max_seq_len')} "
                 f"· r={s.get('rank')}\n\n")
         table = ("| component | memory | share |\n|---|---:|---:|\n" + "\n".join(rows)
                  + f"\n| **total** | **{fmt_bytes(self.total)}** | |")
@@ -297,12 +297,12 @@ class MemoryPlan:
                                   self.verdict] + [f"- {r}" for r in self.recommendations])
 
 # %% ../nbs/04_memory.ipynb #9544922a
-def _check_settings(method, bits, rank, batch_size, seq_len, optimizer, attn, answer_tokens=None, loss_chunk=1024):
+def _check_settings(method, bits, rank, batch_size, max_seq_len, optimizer, attn, answer_tokens=None, loss_chunk=1024):
     if method not in METHODS: raise ValueError(f"method={method!r} is not supported; choose one of: "
                                                f"{', '.join(METHODS)}")
     if method == "qlora" and bits not in (4, 8): raise ValueError(f"bits={bits!r} with method='qlora': choose 4 or 8 "
                                                                   "(or method='lora' for a 16-bit base)")
-    for name, v in (("batch_size", batch_size), ("seq_len", seq_len)):
+    for name, v in (("batch_size", batch_size), ("max_seq_len", max_seq_len)):
         if not isinstance(v, int) or v < 1: raise ValueError(f"{name}={v!r} must be a positive integer")
     for name, v in (("answer_tokens", answer_tokens), ("loss_chunk", loss_chunk)):
         if v is not None and (not isinstance(v, int) or v < 1): raise ValueError(f"{name}={v!r} must be a positive "
@@ -315,10 +315,10 @@ def _check_settings(method, bits, rank, batch_size, seq_len, optimizer, attn, an
     if attn not in ("sdpa", "eager", "flash_attention_2"): raise ValueError(f"attn={attn!r} is not supported; choose "
                                                                             "one of: sdpa, eager, flash_attention_2")
 
-def _components(arch, method, bits, double_quant, rank, targets, batch_size, seq_len, gradient_checkpointing, optimizer,
+def _components(arch, method, bits, double_quant, rank, targets, batch_size, max_seq_len, gradient_checkpointing, optimizer,
                 attn, elem, cuda, answer_tokens=None, loss_chunk=1024):
     c = {}
-    T = batch_size * seq_len
+    T = batch_size * max_seq_len
     if method == "qlora":
         qb = [quantized_bytes(i * o, o, bits, double_quant) for _, i, o in arch.quantized]
         c[f"weights ({bits}-bit)"] = sum(w for w, _ in qb)
@@ -338,9 +338,9 @@ def _components(arch, method, bits, double_quant, rank, targets, batch_size, seq
         c["LoRA grads"] = 4 * sum(lora)
         c["optimizer state"] = optimizer_bytes(lora, optimizer)
     stream = 4 if method == "qlora" and not cuda else elem  # CPU trace: fp32 stream; CUDA (H200 check): compute dtype
-    c["activations"] = activation_bytes(arch, T, seq_len, r, tg, gradient_checkpointing, attn, elem, stream)
+    c["activations"] = activation_bytes(arch, T, max_seq_len, r, tg, gradient_checkpointing, attn, elem, stream)
     # positions with logits
-    n = T if answer_tokens is None else min(batch_size * min(answer_tokens, seq_len), loss_chunk or T)
+    n = T if answer_tokens is None else min(batch_size * min(answer_tokens, max_seq_len), loss_chunk or T)
     c["logits + loss"] = 12 * n * arch.vocab + (arch.hidden * arch.vocab * elem if method == "qlora" and elem < 4
                                                 else 0)
     if method == "qlora": c["dequant buffer"] = max((i * o for _, i, o in arch.quantized), default=0) * elem
@@ -357,14 +357,14 @@ def plan_memory(model, # preset name, local path, hub id or `PretrainedConfig`
                 rank:int=16, # LoRA rank
                 targets="all-linear", # LoRA target modules: "all-linear" or names like ["q_proj", "v_proj"]
                 batch_size:int=1, # sequences per step (per device)
-                seq_len:int=512, # tokens per sequence (the longest, or the packed length)
+                max_seq_len:int=512, # tokens per sequence (the longest, or the packed length)
                 gradient_checkpointing:bool=True, # recompute activations in the backward pass
                 optimizer:str="paged_adamw_8bit", # one of `OPTIMIZERS`
                 # loss positions per sequence (the answer, see `length_report`); None: logits at every position
                 answer_tokens:int|None=None,
                 # with `answer_tokens`: most positions whose logits exist at once (`lowbudget_ft.loss.LOSS_CHUNK`)
                 loss_chunk:int|None=1024,
-                packing:bool=False, # packed sequences are all `seq_len` long; the planner always plans for full length
+                packing:bool=False, # packed sequences are all `max_seq_len` long; the planner always plans for full length
                 attn:str="sdpa", # attention implementation: "sdpa", "flash_attention_2" or "eager"
                 gpu:str|None=None, # card name from `GPUS`, or None for the detected device (RAM on a CPU-only machine)
                 # compute dtype ("bf16", "fp16", "fp32" or bytes); None: 16-bit on a GPU, fp32 on CPU
@@ -372,13 +372,13 @@ def plan_memory(model, # preset name, local path, hub id or `PretrainedConfig`
                 recommend:bool=True, # also search for settings that fit
                ) -> MemoryPlan:
     "Every byte of a fine-tuning run of `model` with these settings, and a verdict against the GPU."
-    _check_settings(method, bits, rank, batch_size, seq_len, optimizer, attn, answer_tokens, loss_chunk)
+    _check_settings(method, bits, rank, batch_size, max_seq_len, optimizer, attn, answer_tokens, loss_chunk)
     name, budget, cuda = resolve_gpu(gpu)
     elem = {"bf16": 2, "fp16": 2, "fp32": 4, None: 2 if cuda else 4}.get(dtype, dtype)
     if elem not in (2, 4): raise ValueError(f"dtype={dtype!r}: choose bf16, fp16 or fp32")
     arch = architecture(model)
     kw = dict(method=method, bits=bits, double_quant=double_quant, rank=rank, targets=targets, batch_size=batch_size,
-              seq_len=seq_len,
+              max_seq_len=max_seq_len,
               gradient_checkpointing=gradient_checkpointing, optimizer=optimizer, attn=attn,
               answer_tokens=answer_tokens, loss_chunk=loss_chunk)
     comps = _components(arch, **{k: v for k, v in kw.items()}, elem=elem, cuda=cuda)
@@ -401,13 +401,13 @@ def _largest(fits, values):
 
 def _recommend(model, plan, kw, gpu, elem):
     def fits(**ch): return plan_memory(model, **{**kw, **ch}, gpu=gpu, dtype=elem, recommend=False).fits
-    S, B, r = kw["seq_len"], kw["batch_size"], kw["rank"]
+    S, B, r = kw["max_seq_len"], kw["batch_size"], kw["rank"]
     if plan.fits:
         out = []
         b = _largest(lambda v: fits(batch_size=v), [2**k for k in range(9) if 2**k >= B])
-        out.append(f"Largest batch size that fits at seq_len {S}: {b}.")
-        s = _largest(lambda v: fits(seq_len=v), [2**k for k in range(7, 18) if 2**k >= S])
-        if s: out.append(f"Longest seq_len that fits at batch size {B}: {s}.")
+        out.append(f"Largest batch size that fits at max_seq_len {S}: {b}.")
+        s = _largest(lambda v: fits(max_seq_len=v), [2**k for k in range(7, 18) if 2**k >= S])
+        if s: out.append(f"Longest max_seq_len that fits at batch size {B}: {s}.")
         if kw["method"] != "full":
             rr = _largest(lambda v: fits(rank=v), [2**k for k in range(3, 10) if 2**k >= r])
             if rr: out.append(f"Largest LoRA rank that fits: {rr}.")
@@ -420,7 +420,7 @@ def _recommend(model, plan, kw, gpu, elem):
     if B > 1: steps.append(({"batch_size": 1},
                             f"use batch_size=1 with gradient accumulation {B} (same effective batch)"))
     s = S
-    while s > 256: s //= 2; steps.append(({"seq_len": s}, f"cut seq_len to {s}"))
+    while s > 256: s //= 2; steps.append(({"max_seq_len": s}, f"cut max_seq_len to {s}"))
     if kw["method"] != "full":
         rr = r
         while rr > 8: rr //= 2; steps.append(({"rank": rr}, f"lower the LoRA rank to {rr}"))
@@ -522,7 +522,7 @@ def measure(model, # local model directory (or a loaded causal LM)
             double_quant:bool=True, # NF4 double quantisation
             rank:int=16, # LoRA rank
             batch_size:int=1, # sequences per step
-            seq_len:int=128, # tokens per sequence
+            max_seq_len:int=128, # tokens per sequence
             steps:int=2, # optimizer steps to run
             gradient_checkpointing:bool=True, # recompute layers in the backward pass
             optimizer:str="paged_adamw_8bit", # "paged_adamw_8bit", "adamw_8bit" or "adamw"
@@ -544,7 +544,7 @@ def measure(model, # local model directory (or a loaded causal LM)
     m = model if not isinstance(model, (str, Path)) else AutoModelForCausalLM.from_pretrained(model,
             quantization_config=q, dtype=dt, device_map={"": 0} if cuda else None, attn_implementation="sdpa")
     plan = plan_memory(m.config, method=method, bits=bits, double_quant=double_quant, rank=rank, batch_size=batch_size,
-                       seq_len=seq_len,
+                       max_seq_len=max_seq_len,
                        gradient_checkpointing=gradient_checkpointing, optimizer=optimizer, gpu=gpu,
                                dtype=2 if cuda else 4, recommend=False)
     footprint = m.get_memory_footprint()
@@ -559,7 +559,7 @@ def measure(model, # local model directory (or a loaded causal LM)
     opt = {"paged_adamw_8bit": bnb.optim.PagedAdamW8bit, "adamw_8bit": bnb.optim.AdamW8bit}.get(optimizer,
             torch.optim.AdamW)(params, lr=1e-4)
     dev = next(m.parameters()).device
-    ids = torch.randint(0, m.config.vocab_size, (batch_size, seq_len), device=dev)
+    ids = torch.randint(0, m.config.vocab_size, (batch_size, max_seq_len), device=dev)
     for _ in range(steps):
         with torch.autocast(dev.type, dtype=dt, enabled=cuda):
             loss = m(input_ids=ids, labels=ids).loss

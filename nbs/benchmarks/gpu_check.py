@@ -49,7 +49,7 @@ def run(setting, small, steps, dev, dt):
         with torch.autocast(dev, dtype=dt, enabled=dev == "cuda"):
             loss = model(input_ids=ids, labels=ids).loss
         loss.backward(); opt.step(); opt.zero_grad(set_to_none=True)
-    plan = plan_memory(cfg, batch_size=bs, seq_len=seq, gradient_checkpointing=ckpt, gpu="H200" if dev == "cuda" else "T4", dtype=2 if dev == "cuda" else 4, recommend=False)
+    plan = plan_memory(cfg, batch_size=bs, max_seq_len=seq, gradient_checkpointing=ckpt, gpu="H200" if dev == "cuda" else "T4", dtype=2 if dev == "cuda" else 4, recommend=False)
     row = dict(model=preset, batch_size=bs, seq_len=seq, checkpointing=ckpt, loss=float(loss), s_per_step=(time.time() - t) / steps, components=plan.components)
     if dev == "cuda":
         row.update(estimate=plan.allocated, measured=torch.cuda.max_memory_allocated(), reserved=torch.cuda.max_memory_reserved(), before_lora=base)

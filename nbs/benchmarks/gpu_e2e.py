@@ -77,7 +77,7 @@ def small_model_flow(rec, path, tag, a, deadline, work):
     st, s = {}, dict(T4_TUTORIAL, max_steps=a.steps_small, save_every=10_000, output_dir=str(work/f"{tag}-run"), dashboard="quiet")
     if a.dry_run: s.update(batch_size=2, grad_accum=1, max_seq_len=128)
     m = phase(rec, f"{tag}: load_model 4-bit", lambda p: load_model(path, bits=4, gpu="T4" if torch.cuda.is_available() else None,
-                                                                   plan_kwargs=dict(batch_size=s["batch_size"], seq_len=s["max_seq_len"])), deadline)
+                                                                   plan_kwargs=dict(batch_size=s["batch_size"], max_seq_len=s["max_seq_len"])), deadline)
     if m is None: return
     model, tok = m
     model = add_lora(model, rank=s["rank"])
@@ -86,7 +86,7 @@ def small_model_flow(rec, path, tag, a, deadline, work):
         p["accuracy"], p["unparsed"] = r.accuracy, sum(x is None for x in r.predicted); return r
     phase(rec, f"{tag}: evaluate before", before, deadline)
     def train(p):
-        p.update(plan(path, rank=s["rank"], batch_size=s["batch_size"], seq_len=s["max_seq_len"]), settings=s)
+        p.update(plan(path, rank=s["rank"], batch_size=s["batch_size"], max_seq_len=s["max_seq_len"]), settings=s)
         res = finetune(model, tok, train_df[["complaint", "category"]], prompt="complaint", response="category", instruction=instr, **s)
         p.update(steps=res.steps, train_loss=res.train_loss, tokens_per_s=tokens_per_s(res), notes=res.notes,
                  micro_batch=res.micro_batch)
@@ -166,12 +166,12 @@ def big_model_flow(rec, a, deadline, work):
     s = dict(T4_TUTORIAL, max_steps=a.steps_7b, save_every=10_000, output_dir=str(work/"7b-run"), dashboard="quiet")
     if a.dry_run: s.update(batch_size=2, grad_accum=1, max_seq_len=64)
     m = phase(rec, "7b: load_model 4-bit", lambda p: load_model(arch, bits=4, gpu="T4" if cap else None,
-                                                              plan_kwargs=dict(batch_size=s["batch_size"], seq_len=s["max_seq_len"])), deadline)
+                                                              plan_kwargs=dict(batch_size=s["batch_size"], max_seq_len=s["max_seq_len"])), deadline)
     if m is None: return
     model, tok = m
     model = add_lora(model, rank=s["rank"])
     def train(p):
-        p.update(plan(arch, rank=s["rank"], batch_size=s["batch_size"], seq_len=s["max_seq_len"]), settings=s)
+        p.update(plan(arch, rank=s["rank"], batch_size=s["batch_size"], max_seq_len=s["max_seq_len"]), settings=s)
         res = finetune(model, tok, df[df.split == "train"][["complaint", "category"]], prompt="complaint", response="category", **s)
         p.update(steps=res.steps, train_loss=res.train_loss, tokens_per_s=tokens_per_s(res), notes=res.notes, micro_batch=res.micro_batch)
         st["adapter"] = res.adapter_path
@@ -182,7 +182,7 @@ def big_model_flow(rec, a, deadline, work):
         model = add_lora(model, rank=r)
         for b, sl in (DRY["grid"] if a.dry_run else GRID):
             def g(p, b=b, sl=sl, r=r):
-                p.update(plan(arch, rank=r, batch_size=b, seq_len=sl), batch=b, seq=sl, rank=r, gradient_checkpointing=True)
+                p.update(plan(arch, rank=r, batch_size=b, max_seq_len=sl), batch=b, seq=sl, rank=r, gradient_checkpointing=True)
                 p.update(grid_step(model, b, sl))
             phase(rec, f"7b grid: batch {b} x seq {sl}, rank {r}", g, deadline)
     del model, base; free()

@@ -137,8 +137,8 @@ def bench(name, path, steps, repeats, batch, bf16):
           f"examples/s >= 1.5x); ours vs full: peak {o['peak'] / f['peak']:.2f}x, examples/s {o['ex_s'] / f['ex_s']:.2f}x")
     if "ours-bf16" in med: print(f"  bf16 autocast vs fp32 (ours): examples/s {med['ours-bf16']['ex_s'] / o['ex_s']:.2f}x")
     plan_d = 12 * (T - n) * V  # the planner's logits term, fp32 on the CPU: 12 B per position with logits
-    pf = plan_memory(model.get_base_model().config, batch_size=1, seq_len=T, dtype="fp32", recommend=False)
-    pa = plan_memory(model.get_base_model().config, batch_size=1, seq_len=T, answer_tokens=n, dtype="fp32", recommend=False)
+    pf = plan_memory(model.get_base_model().config, batch_size=1, max_seq_len=T, dtype="fp32", recommend=False)
+    pa = plan_memory(model.get_base_model().config, batch_size=1, max_seq_len=T, answer_tokens=n, dtype="fp32", recommend=False)
     print(f"  one packed batch ({T} tokens, {n} loss positions): autograd saves {sf / 2**20:.1f} MiB with full logits, "
           f"{sa / 2**20:.1f} MiB answer-only (difference {(sf - sa) / 2**20:.1f} MiB = {(sf - sa) / ((T - n) * V):.1f} B per dropped "
           f"position x vocab)")
