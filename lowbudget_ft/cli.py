@@ -222,7 +222,8 @@ def _parser():
     sub.add_parser("doctor", help="versions, device and memory")
     sub.add_parser("plan", help="will it fit? memory plan for a model (see `lowbudget-ft plan -h`)", add_help=False)
     sub.add_parser("train", help="train from a run config file (see `lowbudget-ft train -h`)", add_help=False)
-    sub.add_parser("export", help="merge an adapter (checked) and write a GGUF (see `lowbudget-ft export -h`)", add_help=False)
+    sub.add_parser("export", help="merge an adapter (checked) and write a GGUF (see `lowbudget-ft export -h`)",
+                   add_help=False)
     return p
 
 # %% ../nbs/16_cli.ipynb #60a829f8
@@ -307,7 +308,8 @@ def plan_command(argv:list[str]|None=None, # arguments after `lowbudget-ft plan`
     try:
         plan = plan_memory(a.model, method=a.method, bits=a.bits, double_quant=not a.no_double_quant, rank=a.rank,
                            batch_size=a.batch_size,
-                           max_seq_len=a.max_seq_len, gradient_checkpointing=not a.no_checkpointing, optimizer=a.optimizer,
+                           max_seq_len=a.max_seq_len, gradient_checkpointing=not a.no_checkpointing,
+                                   optimizer=a.optimizer,
                                    gpu=a.gpu)
     except (ValueError, FileNotFoundError) as e:
         print(f"lowbudget-ft plan: {e}", file=sys.stderr); return 2
@@ -368,7 +370,8 @@ def train_command(argv:list|None=None, # arguments after `lowbudget-ft train`
 # %% ../nbs/16_cli.ipynb #ebf69986
 def export_command(argv:list|None=None, # arguments after `lowbudget-ft export`
                   ) -> int:
-    "`lowbudget-ft export ADAPTER OUT [--gguf QUANT] [--into trained|original] [--overwrite]`; exit 0 done, 2 bad input."
+    ("`lowbudget-ft export ADAPTER OUT [--gguf QUANT] [--into trained|original] [--overwrite]`; exit 0 done, 2 bad "
+     "input.")
     from lowbudget_ft.export import merge_and_save, _check_out_dir
     from lowbudget_ft.gguf import QUANTS, CONVERTER_INSTALL, export_gguf
     from lowbudget_ft.models import require
@@ -385,7 +388,8 @@ def export_command(argv:list|None=None, # arguments after `lowbudget-ft export`
     try:
         out, adapter = Path(a.out), Path(a.adapter)
         if not (adapter/"adapter_config.json").is_file():
-            raise FileNotFoundError(f"{adapter} is not an adapter folder (no adapter_config.json): pass the folder a run "
+            raise FileNotFoundError(f"{adapter} is not an adapter folder (no adapter_config.json): pass the folder a "
+                                    "run "
                                     "wrote, OUTPUT_DIR/adapter.")
         _check_out_dir(out, a.overwrite, "OUT")
         if a.gguf: require({"convert_hf_to_gguf": "convert-hf-to-gguf"}, CONVERTER_INSTALL, "--gguf")  # before merging

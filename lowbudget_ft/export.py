@@ -132,8 +132,8 @@ class MergeReport:
     def ok(self) -> bool: return self.logits_ok and self.labels_ok
     def summary(self) -> str:
         if not self.prompts:
-            return f"merged into the {self.into} base on {self.device} (not checked)" + (f" → {self.path}" if self.path
-                    else "")
+            where = f" → {self.path}" if self.path else ""
+            return f"merged into the {self.into} base on {self.device} (not checked){where}"
         lab = ("" if self.label_agreement is None else f", same label on {self.label_agreement:.1%} of the prompts "
                                                        f"(needs {self.min_agreement:.0%})")
         return (f"merged model (into the {self.into} base, {self.dtype}, on {self.device}) "
@@ -282,7 +282,7 @@ def _reference(adapter:Path, base, run:dict, against:str, dtype, device=None):
     if against == "trained" and run["bits"] < 16:
         what = f"the trained model ({run['bits']}-bit {'NF4' if run['bits'] == 4 else 'LLM.int8'} base + adapter)"
         return PeftModel.from_pretrained(_load_as_trained(base, run["bits"], run["double_quant"]), adapter).eval(), what
-    return PeftModel.from_pretrained(_load_16bit(base, dtype, device), adapter).eval(), f"the 16-bit base + adapter"
+    return PeftModel.from_pretrained(_load_16bit(base, dtype, device), adapter).eval(), "the 16-bit base + adapter"
 
 def _answers(model, tok, prompts, labels, instruction, template, max_new_tokens) -> list:
     from lowbudget_ft.evaluate import generate, parse_label

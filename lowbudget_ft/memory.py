@@ -283,7 +283,8 @@ class MemoryPlan:
         rows = [f"| {k} | {fmt_bytes(v)} | {100 * v / max(self.total, 1):.1f}% |" for k,
                 v in self.components.items() if v]
         s = self.settings
-        head = (f"**{s.get('model', '')}** · {s.get('method')} · batch {s.get('batch_size')} × seq {s.get('max_seq_len')} "
+        head = (f"**{s.get('model', '')}** · {s.get('method')} · batch {s.get('batch_size')} × seq "
+                f"{s.get('max_seq_len')} "
                 f"· r={s.get('rank')}\n\n")
         table = ("| component | memory | share |\n|---|---:|---:|\n" + "\n".join(rows)
                  + f"\n| **total** | **{fmt_bytes(self.total)}** | |")
@@ -315,7 +316,8 @@ def _check_settings(method, bits, rank, batch_size, max_seq_len, optimizer, attn
     if attn not in ("sdpa", "eager", "flash_attention_2"): raise ValueError(f"attn={attn!r} is not supported; choose "
                                                                             "one of: sdpa, eager, flash_attention_2")
 
-def _components(arch, method, bits, double_quant, rank, targets, batch_size, max_seq_len, gradient_checkpointing, optimizer,
+def _components(arch, method, bits, double_quant, rank, targets, batch_size, max_seq_len, gradient_checkpointing,
+                optimizer,
                 attn, elem, cuda, answer_tokens=None, loss_chunk=1024):
     c = {}
     T = batch_size * max_seq_len
@@ -364,7 +366,8 @@ def plan_memory(model, # preset name, local path, hub id or `PretrainedConfig`
                 answer_tokens:int|None=None,
                 # with `answer_tokens`: most positions whose logits exist at once (`lowbudget_ft.loss.LOSS_CHUNK`)
                 loss_chunk:int|None=1024,
-                packing:bool=False, # packed sequences are all `max_seq_len` long; the planner always plans for full length
+                # packed sequences are all `max_seq_len` long; the planner always plans for full length
+                packing:bool=False,
                 attn:str="sdpa", # attention implementation: "sdpa", "flash_attention_2" or "eager"
                 gpu:str|None=None, # card name from `GPUS`, or None for the detected device (RAM on a CPU-only machine)
                 # compute dtype ("bf16", "fp16", "fp32" or bytes); None: 16-bit on a GPU, fp32 on CPU

@@ -336,7 +336,8 @@ def finetune(model, # a `PeftModel` (see `add_lora`)
     for s in skipped: _say(trainer, s)
     if ckpt and (old := _lr_of(ckpt)) is not None and not math.isclose(old, cfg.lr):
         trainer.resume_lr = cfg.lr
-        _say(trainer, f"learning rate {old:g} → {cfg.lr:g} (changed on resume: the restored schedule uses the new one)")
+        _say(trainer, f"learning rate {old:g} → {cfg.lr:g} "
+                      "(changed on resume: the restored schedule uses the new one)")
     reset_peak()
     t0 = time.time()
     with packed_attention(model) if cfg.packing else contextlib.nullcontext(), ctrl_c:
