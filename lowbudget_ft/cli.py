@@ -22,8 +22,8 @@ TINY_NOTE = ("Note: the default model is a TINY, RANDOMLY INITIALISED Llama buil
 
 # tiny model
 DEMO_DEFAULTS = dict(steps=200, batch_size=16, lr=3e-3, rank=16, warmup=0.1, eval_rows=240, max_seq_len=256)
-# a pretrained LLM
-REAL_DEMO = dict(steps=30, batch_size=8, lr=1e-3, rank=16, warmup=0.1, eval_rows=60, max_seq_len=256)
+# a pretrained LLM (smollm2: 0% -> 95% on 60 held-out rows in ~10-16 min on 2 CPU cores)
+REAL_DEMO = dict(steps=60, batch_size=8, lr=1e-3, rank=16, warmup=0.1, eval_rows=60, max_seq_len=256)
 
 def demo_settings(model:str) -> dict:
     "The demo's defaults for `model`: the random tiny base needs many fast steps, a pretrained LLM a few (on a CPU)."
@@ -183,7 +183,7 @@ def _demo_parser(p):
     p.add_argument("--instruction", default=None, help="task description put before every input (default for a "
                                                        "pretrained model: the list of labels)")
     p.add_argument("--out", default=None, help="directory for the adapter and summary.json (must be new or empty)")
-    p.add_argument("--steps", type=int, default=None, help="training steps (tiny: 200; a pretrained model: 30)")
+    p.add_argument("--steps", type=int, default=None, help="training steps (tiny: 200; a pretrained model: 60)")
     p.add_argument("--batch-size", type=int, default=None, help="examples per step (tiny: 16; pretrained: 8)")
     p.add_argument("--lr", type=float, default=None, help="learning rate (tiny: 3e-3; pretrained: 1e-3)")
     p.add_argument("--warmup", type=float, default=None, help="share of steps warming up the learning rate")
