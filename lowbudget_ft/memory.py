@@ -8,6 +8,7 @@ import functools, json, math, os
 from dataclasses import dataclass, field
 from pathlib import Path
 from .core import close_matches, fmt_bytes
+from .models import is_gguf
 
 # %% auto #0
 __all__ = ['PRESETS', 'GPUS', 'OPTIMIZERS', 'METHODS', 'CUDA_CONTEXT', 'resolve_gpu', 'model_config', 'Arch', 'architecture',
@@ -117,6 +118,7 @@ def model_config(model, # preset name, local path, hub id, or a `PretrainedConfi
         fields = {k: v for k, v in PRESETS[key].items() if k != "params"}
         return AutoConfig.for_model(fields.pop("model_type"), **fields)
     p = Path(model).expanduser()
+    if p.is_file() and is_gguf(p): return AutoConfig.from_pretrained(p.parent, gguf_file=p.name)  # header only
     if p.exists(): return AutoConfig.from_pretrained(p.parent if p.is_file() else p)
     names = list(PRESETS) + [k.split("/")[-1] for k in PRESETS]
     hint = f"close presets: {_close(model, names)}"
