@@ -476,6 +476,7 @@ def weights_estimate(plan:MemoryPlan) -> int:
 def saved_activation_bytes(model, # a model in training mode
                            input_ids, # a batch of token ids
                            dtype=None, # autocast dtype (e.g. torch.bfloat16), or None for none
+                           forward=None, # the forward to measure, a callable; None: the model's own loss on `input_ids`
                           ) -> int:
     "Bytes of the tensors autograd saves for the backward pass of one forward (parameters excluded)."
     import torch, contextlib
@@ -487,7 +488,7 @@ def saved_activation_bytes(model, # a model in training mode
         return t
     ctx = torch.autocast(input_ids.device.type, dtype=dtype) if dtype else contextlib.nullcontext()
     with ctx, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(input_ids=input_ids, labels=input_ids).loss
+        forward() if forward else model(input_ids=input_ids, labels=input_ids).loss
     return sum(saved.values())
 
 # %% ../nbs/04_memory.ipynb #42a3ecb1

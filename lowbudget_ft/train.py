@@ -9,9 +9,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from .core import gpu_info, memory_stats, reset_peak, fmt_bytes, quiet_known_noise
 from .config import RunConfig, SettingError, plan_settings, save_config, _replace
-from .checkpoints import (_MARK, _STAGING, _NanGuard, _OomBackoff, _SafeCheckpoints, _latest_checkpoint,
-                                      _say,
-                                      SaveEveryMinutes)
+from .checkpoints import _MARK, _STAGING, _NanGuard, _OomBackoff, _SafeCheckpoints, _say, SaveEveryMinutes
 
 # %% auto #0
 __all__ = ['MODEL_SETTINGS', 'training_args', 'TrainResult', 'run_record', 'save_adapter', 'TrainingInterrupted', 'finetune',

@@ -27,7 +27,7 @@ from lowbudget_ft.complaints import load_complaints
 from lowbudget_ft.data import prepare_dataset, make_collator
 from lowbudget_ft.config import RunConfig
 from lowbudget_ft.loss import answer_loss, loss_positions
-from lowbudget_ft.memory import plan_memory
+from lowbudget_ft.memory import plan_memory, saved_activation_bytes
 from lowbudget_ft.attention import packed_attention
 
 def smollm2_dir():
@@ -87,17 +87,9 @@ def run_trl(model, tok, ds, steps, batch):
 
 def saved_bytes(model, batch, answer_only:bool) -> int:
     "Bytes autograd saves (parameters excluded) for one forward of `batch` with full or answer-only logits."
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    saved = {}
-    def pack(t):
-        st = t.untyped_storage()
-        if st.data_ptr() not in params: saved[st.data_ptr()] = st.nbytes()
-        return t
     inputs = {k: v for k, v in batch.items() if k != "labels"}
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = answer_loss(model, inputs, batch["labels"]) if answer_only else model(**batch).loss
-    del loss
-    return sum(saved.values())
+    run = (lambda: answer_loss(model, inputs, batch["labels"])) if answer_only else (lambda: model(**batch).loss)
+    return saved_activation_bytes(model, batch["input_ids"], forward=run)
 
 def bench(name, path, steps, repeats, batch, bf16):
     model, tok = load_model(path, bits=4)
