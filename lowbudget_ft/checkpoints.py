@@ -330,8 +330,19 @@ class _OomBackoff:
         finally: self.current_gradient_accumulation_steps = ga
         return total
 
+    def _recompute_all(self, model, step) -> bool:
+        "With gradient_checkpointing='auto' and some layers keeping their activations: recompute every layer."
+        from lowbudget_ft.lora import checkpointed_layers, recompute_layers
+        m = getattr(model, "module", model)
+        n, L = checkpointed_layers(m)
+        if getattr(m, "gradient_checkpointing_mode", None) != "auto" or n == L: return False
+        recompute_layers(m, L)
+        _say(self, f"out of memory at step {step}: every layer now recomputes its activations (gradient "
+                   f"checkpointing was on {n} of {L}); carrying on")
+        return True
+
     def _back_off(self, model, inputs):
-        "Free memory and halve the micro-batch, or stop with the planner's advice."
+        "Free memory and recompute every layer, else halve the micro-batch, or stop with the planner's advice."
         import torch
         model.zero_grad(set_to_none=True)
         free_memory()
@@ -345,6 +356,7 @@ class _OomBackoff:
                 f"can't change on one process alone. Restart with batch_size={max(n // 2, 1)} and grad_accum={2 * ga} "
                 "(the same "
                 f"effective batch) and resume. {_plan_advice(model, self.run_config or RunConfig())}")
+        if self._recompute_all(model, step): return  # (one process alone can't redo a step: handled above)
         if n <= 1:
             raise torch.OutOfMemoryError(
                 f"out of memory at step {step} and the micro-batch is already 1 example, so backing off can't help. "

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from .core import quiet_known_noise
 
 # %% auto #0
-__all__ = ['add_lora', 'TrainableReport', 'trainable_report']
+__all__ = ['add_lora', 'checkpointed_layers', 'recompute_layers', 'TrainableReport', 'trainable_report']
 
 # %% ../nbs/06_lora.ipynb #4d4c39f1
 def _is_quantized(model) -> bool:
@@ -25,7 +25,9 @@ def add_lora(model, # a causal LM, quantised or not
              alpha:int|None=None, # LoRA scaling numerator (peft's `lora_alpha`); `None` uses 2·rank
              dropout:float=0.05, # dropout on the LoRA input
              targets:str|list="all-linear", # module names to adapt, or "all-linear" (every linear but the head)
-             gradient_checkpointing:bool=True, # recompute activations in the backward pass to save memory
+             # recompute activations in the backward pass to save memory: True (every layer), False, or "auto":
+             # `finetune` recomputes only the layers the memory plan needs, none when the run fits without
+             gradient_checkpointing:bool|str="auto",
              train_head:bool=False, # also train the output head in full (peft `modules_to_save`)
              train_embeddings:bool=False, # also train the input embeddings in full (for a base that knows no words)
             ):
@@ -34,11 +36,12 @@ def add_lora(model, # a causal LM, quantised or not
     quiet_known_noise()
     if not isinstance(rank, int) or rank < 1:
         raise ValueError(f"rank={rank!r} is not a valid LoRA rank: use a positive integer such as 8, 16 or 64.")
+    if not (isinstance(gradient_checkpointing, bool) or gradient_checkpointing == "auto"):
+        raise ValueError(f"gradient_checkpointing={gradient_checkpointing!r}: use True, False or 'auto'.")
+    on = bool(gradient_checkpointing)  # "auto" sets it up on every layer; finetune turns off what memory doesn't need
     ckpt = dict(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if _is_quantized(model): model = prepare_model_for_kbit_training(model,
-                                                                     use_gradient_checkpointing=gradient_checkpointing,
-                                                                             **ckpt)
-    elif gradient_checkpointing:
+    if _is_quantized(model): model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=on, **ckpt)
+    elif on:
         model.gradient_checkpointing_enable(**ckpt)
         model.enable_input_require_grads()
     model.config.use_cache = False  # the KV cache is useless in training and conflicts with checkpointing
@@ -46,7 +49,32 @@ def add_lora(model, # a causal LM, quantised or not
             model.get_input_embeddings())] * train_embeddings
     cfg = LoraConfig(r=rank, lora_alpha=alpha or 2 * rank, lora_dropout=dropout, target_modules=targets,
                      task_type="CAUSAL_LM", modules_to_save=full or None)
-    return get_peft_model(model, cfg)
+    model = get_peft_model(model, cfg)
+    model.gradient_checkpointing_mode = gradient_checkpointing  # what the run record and `finetune` read
+    return model
+
+# %% ../nbs/06_lora.ipynb #ddb6be5c
+def _layers(model) -> list:
+    "The decoder layers that can recompute their activations (transformers' `GradientCheckpointingLayer`), in order."
+    from transformers.modeling_layers import GradientCheckpointingLayer
+    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+
+def checkpointed_layers(model, # a model, usually from `add_lora`
+                       ) -> tuple[int, int]:
+    "`(layers that recompute their activations in the backward pass, all decoder layers)`."
+    layers = _layers(model)
+    return sum(bool(l.gradient_checkpointing) for l in layers), len(layers)
+
+def recompute_layers(model, # a model from `add_lora` with gradient_checkpointing True or "auto"
+                     n:int, # how many layers recompute (the first n); the later ones keep their activations
+                    ) -> int:
+    "Recompute only the first `n` decoder layers in the backward pass; returns how many now do."
+    layers = _layers(model)
+    if n and not all(hasattr(l, "_gradient_checkpointing_func") for l in layers):
+        raise ValueError("gradient checkpointing is off for this model: build it with add_lora(model, "
+                         "gradient_checkpointing='auto') or True.")
+    for i, l in enumerate(layers): l.gradient_checkpointing = i < n
+    return min(n, len(layers))
 
 # %% ../nbs/06_lora.ipynb #8a9fc172
 @dataclass

