@@ -292,6 +292,16 @@ def _fail(command:str, # the subcommand, e.g. "demo"
 def _entry(): sys.exit(main())
 
 # %% ../nbs/16_cli.ipynb #522edcbb
+def _answer_tokens(v:str|None, # the value typed after --answer-tokens, or None when it is not given
+                  ) -> int|None:
+    "`--answer-tokens` as a positive number of positions, or None; a one-line error otherwise."
+    if v is None: return None
+    try: n = int(v)
+    except ValueError: n = 0
+    if n < 1: raise ValueError(f"--answer-tokens={v} must be a positive integer: the loss positions (answer tokens) "
+                               "per sequence, e.g. --answer-tokens 16")
+    return n
+
 def plan_command(argv:list[str]|None=None, # arguments after `lowbudget-ft plan`
                 ) -> int:
     "The `lowbudget-ft plan` command: print the plan; exit 0 if it fits, 3 if not, 2 on bad input."
@@ -303,14 +313,15 @@ def plan_command(argv:list[str]|None=None, # arguments after `lowbudget-ft plan`
     ap.add_argument("--batch-size", type=int, default=1); ap.add_argument("--max-seq-len", type=int, default=512)
     ap.add_argument("--rank", type=int, default=16); ap.add_argument("--optimizer", default="paged_adamw_8bit")
     ap.add_argument("--no-checkpointing", action="store_true"); ap.add_argument("--json", action="store_true")
+    ap.add_argument("--answer-tokens", default=None, metavar="N", help="loss positions per sequence (the answer's "
+                    "tokens): logits only there, as training builds them (default: logits at every position)")
     try: a = ap.parse_args(argv)
     except SystemExit as e: return 0 if e.code == 0 else 2
     try:
         plan = plan_memory(a.model, method=a.method, bits=a.bits, double_quant=not a.no_double_quant, rank=a.rank,
-                           batch_size=a.batch_size,
-                           max_seq_len=a.max_seq_len, gradient_checkpointing=not a.no_checkpointing,
-                                   optimizer=a.optimizer,
-                                   gpu=a.gpu)
+                           batch_size=a.batch_size, max_seq_len=a.max_seq_len,
+                           gradient_checkpointing=not a.no_checkpointing, optimizer=a.optimizer,
+                           answer_tokens=_answer_tokens(a.answer_tokens), gpu=a.gpu)
     except (ValueError, FileNotFoundError) as e:
         print(f"lowbudget-ft plan: {e}", file=sys.stderr); return 2
     print(json.dumps(plan.to_dict(), indent=1, default=str) if a.json else str(plan))

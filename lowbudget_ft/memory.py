@@ -13,7 +13,8 @@ from .models import is_gguf
 # %% auto #0
 __all__ = ['PRESETS', 'GPUS', 'OPTIMIZERS', 'METHODS', 'CUDA_CONTEXT', 'resolve_gpu', 'model_config', 'Arch', 'architecture',
            'quantized_bytes', 'optimizer_bytes', 'activation_bytes', 'MemoryPlan', 'plan_memory', 'layers_to_recompute',
-           'held_bytes', 'weights_estimate', 'saved_activation_bytes', 'WontFitError', 'check_fits', 'measure']
+           'held_bytes', 'weights_estimate', 'saved_activation_bytes', 'WontFitError', 'check_fits', 'answer_labels',
+           'measure']
 
 # %% ../nbs/04_memory.ipynb #936b5887
 def _llama(V, h, i, L, nh, nkv, tied=False, **kw): return dict(model_type="llama", vocab_size=V, hidden_size=h,
@@ -563,6 +564,16 @@ MemoryPlan.plot = _plot
 # %% ../nbs/04_memory.ipynb #7d31bd0a
 _STATIC = _WEIGHTS + ("fp32 upcast (peft)", "LoRA weights", "LoRA grads", "optimizer state")
 
+def answer_labels(input_ids, # (batch, seq) token ids
+                  answer_tokens:int, # loss positions per row: the last ones, as completion-only labels put them
+                 ):
+    "Labels on `input_ids` with the loss on the last `answer_tokens` positions of each row only (-100 elsewhere)."
+    if not isinstance(answer_tokens, int) or answer_tokens < 1: raise ValueError(f"answer_tokens={answer_tokens!r} "
+                                                                                  "must be a positive integer")
+    labels = input_ids.clone()
+    labels[:, :max(0, input_ids.shape[1] - answer_tokens)] = -100
+    return labels
+
 def measure(model, # local model directory (or a loaded causal LM)
             method:str="qlora", # "qlora" or "lora"
             bits:int=4, # 4 or 8 for qlora
@@ -574,11 +585,14 @@ def measure(model, # local model directory (or a loaded causal LM)
             gradient_checkpointing:bool=True, # recompute layers in the backward pass
             optimizer:str="paged_adamw_8bit", # "paged_adamw_8bit", "adamw_8bit" or "adamw"
             gpu:str|None=None, # plan against this card (default: the device it runs on)
+            # loss on the last N positions of each row (`loss.answer_loss`); None: the model's loss at every position
+            answer_tokens:int|None=None,
            ) -> dict:
     "Run `steps` real training steps and return the plan's figures beside the measured ones."
     import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from lowbudget_ft.loss import LOSS_CHUNK, answer_loss
     cuda = torch.cuda.is_available()
     from lowbudget_ft.core import compute_dtype
     dt = compute_dtype()  # the one rule: fp16 before Ampere, bf16 after, fp32 on the CPU (or LOWBUDGET_FT_DTYPE)
@@ -591,9 +605,9 @@ def measure(model, # local model directory (or a loaded causal LM)
     m = model if not isinstance(model, (str, Path)) else AutoModelForCausalLM.from_pretrained(model,
             quantization_config=q, dtype=dt, device_map={"": 0} if cuda else None, attn_implementation="sdpa")
     plan = plan_memory(m.config, method=method, bits=bits, double_quant=double_quant, rank=rank, batch_size=batch_size,
-                       max_seq_len=max_seq_len,
-                       gradient_checkpointing=gradient_checkpointing, optimizer=optimizer, gpu=gpu,
-                               dtype=2 if cuda else 4, recommend=False)
+                       max_seq_len=max_seq_len, gradient_checkpointing=gradient_checkpointing, optimizer=optimizer,
+                       answer_tokens=answer_tokens, loss_chunk=LOSS_CHUNK, gpu=gpu, dtype=2 if cuda else 4,
+                       recommend=False)
     footprint = m.get_memory_footprint()
     ck = dict(gradient_checkpointing_kwargs={"use_reentrant": False})
     if method == "qlora": m = prepare_model_for_kbit_training(m, use_gradient_checkpointing=gradient_checkpointing,
@@ -607,14 +621,22 @@ def measure(model, # local model directory (or a loaded causal LM)
             torch.optim.AdamW)(params, lr=1e-4)
     dev = next(m.parameters()).device
     ids = torch.randint(0, m.config.vocab_size, (batch_size, max_seq_len), device=dev)
-    for _ in range(steps):
+    labels = None if answer_tokens is None else answer_labels(ids, answer_tokens)
+    def step_loss():
         with torch.autocast(dev.type, dtype=dt, enabled=cuda):
-            loss = m(input_ids=ids, labels=ids).loss
+            if labels is None: return m(input_ids=ids, labels=ids).loss
+            return answer_loss(m, {"input_ids": ids}, labels, chunk=LOSS_CHUNK)
+    for i in range(steps):
+        if i == 0:  # the first forward also counts what autograd keeps for the backward pass
+            box = []; saved = saved_activation_bytes(m, ids, forward=lambda: box.append(step_loss())); loss = box[0]
+        else: loss = step_loss()
         loss.backward(); opt.step()
-        if _ < steps - 1: opt.zero_grad(set_to_none=True)
-    out = dict(plan=plan, footprint=footprint, device="cuda" if cuda else "cpu", loss=float(loss))
+        if i < steps - 1: opt.zero_grad(set_to_none=True)
+    out = dict(plan=plan, footprint=footprint, device="cuda" if cuda else "cpu", loss=float(loss),
+               answer_tokens=answer_tokens)
     out["estimate_static"] = sum(plan.components.get(k, 0) for k in _STATIC)
     out["held_static"] = held_bytes(m, opt)
+    out["measured_saved"] = saved  # activations, log-softmax and head inputs kept by one forward (device-independent)
     if cuda:
         out["estimate_peak"] = plan.allocated
         out["measured_peak"] = torch.cuda.max_memory_allocated()

@@ -10,7 +10,9 @@ T4 conditions on a bigger card: memory capped with `torch.cuda.set_per_process_m
 1. SmolLM2-135M-Instruct (real weights): load_model → add_lora → evaluate_labels (before) → finetune 30 steps →
    evaluate_labels (after) → merge_and_save (logit check) → the merged model's answers against the adapter's.
 2. A 7B-class architecture (memory.PRESETS, random weights, built on local disk, no hub): load_model → add_lora →
-   finetune 20 steps → a planned-vs-measured grid (batch × seq × rank, checkpointing on) → merge_and_save.
+   finetune 20 steps → a planned-vs-measured grid (batch × seq × rank, checkpointing on; the model's own loss with
+   logits at every position, and one setting with the answer-only loss `finetune` uses, planned with its
+   `answer_tokens`) → merge_and_save.
 Every phase records planned and measured peak memory, time, tokens/s and out-of-memory events; phases past the
 time budget are skipped (and say so). `--dry-run` runs the same code on the CPU at tiny sizes, labelled as such.
 Needs torch, transformers, peft, accelerate, bitsandbytes, pandas, openpyxl, pyyaml and lowbudget_ft — no `datasets`
@@ -23,9 +25,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 T4_TUTORIAL = dict(batch_size=4, grad_accum=4, lr=2e-4, rank=16, max_seq_len=256, logging_steps=5)  # the tutorial's GPU branch
 PRESET_7B = "Qwen/Qwen2.5-7B"
-GRID = [(1, 256), (2, 512), (4, 1024)]  # (batch, seq) × RANKS: settings the planner's constants were not fitted to
+# (batch, seq, answer tokens) × RANKS: settings the planner's constants were not fitted to; answer tokens None: logits
+# at every position (the model's own loss), N: `loss.answer_loss` on the last N positions of each row
+GRID = [(1, 256, None), (2, 512, None), (4, 1024, None), (4, 1024, 16)]
 RANKS = [8, 64]
-DRY = dict(steps_small=3, steps_7b=2, n_eval=6, grid=[(1, 32), (2, 64)], ranks=[4, 8],
+DRY = dict(steps_small=3, steps_7b=2, n_eval=6, grid=[(1, 32, None), (2, 64, None), (2, 64, 4)], ranks=[4, 8],
            arch=dict(num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2))
 
 
@@ -129,17 +133,21 @@ def build_7b(a, work):
     return d, n
 
 
-def grid_step(model, b, s, steps=2):
-    "Peak of `steps` training steps at batch `b` × seq `s` (fp16 autocast, 8-bit paged AdamW as finetune uses)."
+def grid_step(model, b, s, steps=2, answer_tokens=None):
+    ("Peak of `steps` training steps at batch `b` × seq `s` (fp16 autocast, 8-bit paged AdamW as finetune uses); with "
+     "`answer_tokens` N the answer-only loss on the last N positions of each row.")
     import torch, bitsandbytes as bnb
     from lowbudget_ft.core import compute_dtype, reset_peak
+    from lowbudget_ft.loss import answer_loss
+    from lowbudget_ft.memory import answer_labels
     dev = next(model.parameters()).device
     opt = bnb.optim.PagedAdamW8bit([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     ids = torch.randint(0, 32000, (b, s), device=dev)
+    labels = None if answer_tokens is None else answer_labels(ids, answer_tokens)
     reset_peak(); t = time.time()
     for _ in range(steps):
         with torch.autocast(dev.type, dtype=compute_dtype(), enabled=dev.type == "cuda"):
-            loss = model(input_ids=ids, labels=ids).loss
+            loss = model(input_ids=ids, labels=ids).loss if labels is None else answer_loss(model, {"input_ids": ids}, labels)
         loss.backward(); opt.step(); opt.zero_grad(set_to_none=True)
     if dev.type == "cuda": torch.cuda.synchronize()
     return dict(tokens_per_s=round(steps * b * s / (time.time() - t), 1), loss=float(loss))
@@ -180,11 +188,12 @@ def big_model_flow(rec, a, deadline, work):
     for r in (DRY["ranks"] if a.dry_run else RANKS):
         model = model.unload() if hasattr(model, "unload") else base
         model = add_lora(model, rank=r)
-        for b, sl in (DRY["grid"] if a.dry_run else GRID):
-            def g(p, b=b, sl=sl, r=r):
-                p.update(plan(arch, rank=r, batch_size=b, max_seq_len=sl), batch=b, seq=sl, rank=r, gradient_checkpointing=True)
-                p.update(grid_step(model, b, sl))
-            phase(rec, f"7b grid: batch {b} x seq {sl}, rank {r}", g, deadline)
+        for b, sl, n in (DRY["grid"] if a.dry_run else GRID):
+            def g(p, b=b, sl=sl, r=r, n=n):
+                p.update(plan(arch, rank=r, batch_size=b, max_seq_len=sl, answer_tokens=n), batch=b, seq=sl, rank=r,
+                         answer_tokens=n, gradient_checkpointing=True)
+                p.update(grid_step(model, b, sl, answer_tokens=n))
+            phase(rec, f"7b grid: batch {b} x seq {sl}, rank {r}" + (f", answer-only loss ({n} tokens)" if n else ""), g, deadline)
     del model, base; free()
     def merge(p):
         rep = merge_and_save(st["adapter"], work/"7b-merged", check=True)
