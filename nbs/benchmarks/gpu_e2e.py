@@ -59,6 +59,20 @@ def plan(model, **kw):
     return dict(planned_peak=pl.allocated, planned_total=pl.total, planned_fits_t4=pl.fits)
 
 
+def run_plan(path, model, tok, df, s, instruction=None):
+    ("The plan of the run `finetune` made: answer tokens of its data (the logits it builds) and the layers it "
+     "recomputed (gradient_checkpointing='auto' decides on the detected card, not the T4 cap: an OOM step then turns "
+     "every layer on, which the notes show).")
+    from lowbudget_ft.data import prepare_dataset
+    from lowbudget_ft.lora import checkpointed_layers
+    from lowbudget_ft.train import _answer_tokens
+    ds = prepare_dataset(df, tok, prompt="complaint", response="category", instruction=instruction, max_seq_len=s["max_seq_len"])
+    n = _answer_tokens(ds)
+    k, L = checkpointed_layers(model)
+    return dict(plan(path, rank=s["rank"], batch_size=s["batch_size"], max_seq_len=s["max_seq_len"], answer_tokens=n,
+                     gradient_checkpointing=k), answer_tokens=n, layers_recomputed=f"{k} of {L}")
+
+
 def tokens_per_s(res):
     v = [r["tokens_per_s"] for r in res.history if r.get("tokens_per_s")]
     return round(sum(v) / len(v), 1) if v else None
@@ -77,7 +91,7 @@ def small_model_flow(rec, path, tag, a, deadline, work):
     df = read_table(sample_path("xlsx"), sheet="complaints")
     train_df, test_df = df[df.split == "train"], df[df.split == "test"].head(a.n_eval)
     instr = "Route this bank customer complaint. Answer with one category: " + ", ".join(CATEGORIES) + "."
-    lab = dict(prompt="complaint", label="category", labels=CATEGORIES, instruction=instr)
+    lab = dict(prompt="complaint", response="category", labels=CATEGORIES, instruction=instr)
     st, s = {}, dict(T4_TUTORIAL, max_steps=a.steps_small, save_every=10_000, output_dir=str(work/f"{tag}-run"), dashboard="quiet")
     if a.dry_run: s.update(batch_size=2, grad_accum=1, max_seq_len=128)
     m = phase(rec, f"{tag}: load_model 4-bit", lambda p: load_model(path, bits=4, gpu="T4" if torch.cuda.is_available() else None,
@@ -90,8 +104,9 @@ def small_model_flow(rec, path, tag, a, deadline, work):
         p["accuracy"], p["unparsed"] = r.accuracy, sum(x is None for x in r.predicted); return r
     phase(rec, f"{tag}: evaluate before", before, deadline)
     def train(p):
-        p.update(plan(path, rank=s["rank"], batch_size=s["batch_size"], max_seq_len=s["max_seq_len"]), settings=s)
+        p.update(settings=s)
         res = finetune(model, tok, train_df[["complaint", "category"]], prompt="complaint", response="category", instruction=instr, **s)
+        p.update(run_plan(path, model, tok, train_df[["complaint", "category"]], s, instr))
         p.update(steps=res.steps, train_loss=res.train_loss, tokens_per_s=tokens_per_s(res), notes=res.notes,
                  micro_batch=res.micro_batch)
         st["adapter"] = res.adapter_path; return res
@@ -179,8 +194,9 @@ def big_model_flow(rec, a, deadline, work):
     model, tok = m
     model = add_lora(model, rank=s["rank"])
     def train(p):
-        p.update(plan(arch, rank=s["rank"], batch_size=s["batch_size"], max_seq_len=s["max_seq_len"]), settings=s)
+        p.update(settings=s)
         res = finetune(model, tok, df[df.split == "train"][["complaint", "category"]], prompt="complaint", response="category", **s)
+        p.update(run_plan(arch, model, tok, df[df.split == "train"][["complaint", "category"]], s))
         p.update(steps=res.steps, train_loss=res.train_loss, tokens_per_s=tokens_per_s(res), notes=res.notes, micro_batch=res.micro_batch)
         st["adapter"] = res.adapter_path
     phase(rec, "7b: finetune", train, deadline)

@@ -140,9 +140,9 @@ def bench(name, path, steps, repeats, batch, bf16):
     print(f"  {'arm':<12}{'peak RSS':>12}{'examples/s':>12}{'useful tok/s':>14}{'loss step 1':>13}{'final loss':>12}"
           f"{'recomputed':>12}")
     for k, m in med.items():
-        n, L = res[k][-1]["recomputed"]
+        kept, layers = res[k][-1]["recomputed"]
         print(f"  {k:<12}{m['peak'] / 2**20:>8.1f} MiB{m['ex_s']:>12.2f}{m['ex_s'] * useful_per_ex:>14.0f}{m['first']:>13.4f}"
-              f"{m['loss']:>12.4f}{f'{n} of {L}':>12}")
+              f"{m['loss']:>12.4f}{f'{kept} of {layers}':>12}")
     ratio = lambda a, b: f"peak {med[a]['peak'] / med[b]['peak']:.2f}x, examples/s {med[a]['ex_s'] / med[b]['ex_s']:.2f}x"
     print(f"  as shipped (targets vs trl: peak < 1x, examples/s >= 1.5x):\n    ours-auto vs trl:         {ratio('ours-auto', 'trl')}")
     print(f"  like for like:\n    ours vs trl (both recompute every layer): {ratio('ours', 'trl')}\n"
