@@ -8,6 +8,8 @@ category), the same examples in the same order from the same adapter initialisat
   * ours:   `finetune` with logits only at the answer tokens (`lowbudget_ft.loss`), checkpointing on every layer;
   * ours-auto: `finetune` as shipped: answer-only logits and `gradient_checkpointing="auto"`, which recomputes only
             the layers the memory plan needs on this machine (`memory.layers_to_recompute`; the count is printed);
+  * ours-half: `finetune` with answer-only logits and the first half of the layers recomputing
+            (`lora.recompute_layers`): what auto picks when memory allows no more (`--half`, SmolLM2 only);
   * trl:    TRL's `SFTTrainer` with `padding_free=True` and its completion-only loss, on the same tokenised examples,
             with gradient checkpointing on every layer (TRL's default, `SFTConfig.gradient_checkpointing=True`);
   * trl-no-ckpt: the same without gradient checkpointing (like for like with ours-auto when it recomputes nothing);
@@ -17,7 +19,7 @@ Arms run interleaved, `--repeats` times each; medians are printed. Peak memory i
 starts. Throughput counts steps after the first. Also prints the bytes autograd saves for one forward with full and
 with answer-only logits, next to the planner's logits term for the same batch.
 
-Run:  OMP_NUM_THREADS=1 .venv/bin/python nbs/benchmarks/logits_memory.py [--steps 5] [--repeats 3] [--bf16]
+Run:  OMP_NUM_THREADS=1 .venv/bin/python nbs/benchmarks/logits_memory.py [--steps 5] [--repeats 3] [--bf16] [--half] [--models tiny,smollm2]
 """
 import argparse, ctypes, os, statistics, tempfile, threading, time, warnings
 import torch, datasets
@@ -65,14 +67,15 @@ class Probe(TrainerCallback):
         if logs and "loss" in logs: self.losses.append(logs["loss"])
     def on_train_end(self, args, state, control, **kw): self._run = False; self.t.join()
 
-def every_layer(model, on:bool):
-    "Gradient checkpointing on every layer (on) or as `finetune` decides (`gradient_checkpointing='auto'`)."
-    model.gradient_checkpointing_mode = True if on else "auto"
-    recompute_layers(model, checkpointed_layers(model)[1])
+def set_layers(model, auto:bool, share:float=1.0):
+    "`finetune` decides (`gradient_checkpointing='auto'`), or the first `share` of the layers recompute."
+    model.gradient_checkpointing_mode = "auto" if auto else True
+    L = checkpointed_layers(model)[1]
+    recompute_layers(model, L if auto else round(share * L))
 
-def run_ours(model, tok, ds, steps, batch, full=False, bf16=False, auto=False):
+def run_ours(model, tok, ds, steps, batch, full=False, bf16=False, auto=False, share=1.0):
     T, probe = train_mod._trainer_class(), Probe()
-    every_layer(model, not auto)
+    set_layers(model, auto, share)
     if full: T.compute_loss = Trainer.compute_loss  # the Trainer's ordinary loss: logits at every token
     try:
         with tempfile.TemporaryDirectory() as out, torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
@@ -105,7 +108,7 @@ def saved_bytes(model, batch, answer_only:bool) -> int:
     run = (lambda: answer_loss(model, inputs, batch["labels"])) if answer_only else (lambda: model(**batch).loss)
     return saved_activation_bytes(model, batch["input_ids"], forward=run)
 
-def bench(name, path, steps, repeats, batch, bf16):
+def bench(name, path, steps, repeats, batch, bf16, half=False):
     model, tok = load_model(path, bits=4)
     model = add_lora(model, rank=16, dropout=0.0)
     init = {k: v.clone() for k, v in get_peft_model_state_dict(model).items()}
@@ -121,6 +124,7 @@ def bench(name, path, steps, repeats, batch, bf16):
     T, n, V = b["input_ids"].shape[1], int(loss_positions(b["labels"]).sum()), model.config.vocab_size
     arms = {"full": lambda: run_ours(model, tok, ds, steps, batch, full=True), "ours": lambda: run_ours(model, tok, ds, steps, batch),
             "ours-auto": lambda: run_ours(model, tok, ds, steps, batch, auto=True),
+            **({"ours-half": lambda: run_ours(model, tok, ds, steps, batch, share=0.5)} if half else {}),
             "trl": lambda: run_trl(model, tok, ds, steps, batch), "trl-no-ckpt": lambda: run_trl(model, tok, ds, steps, batch, ckpt=False)}
     if bf16: arms["ours-bf16"] = lambda: run_ours(model, tok, ds, steps, batch, bf16=True, auto=True)
     res = {k: [] for k in arms}
@@ -149,6 +153,8 @@ def bench(name, path, steps, repeats, batch, bf16):
           f"    ours-auto vs trl-no-ckpt:                 {ratio('ours-auto', 'trl-no-ckpt')}\n"
           f"    ours vs full (answer-only logits alone):  {ratio('ours', 'full')}\n"
           f"    ours-auto vs ours (auto checkpointing alone): {ratio('ours-auto', 'ours')}")
+    if "ours-half" in med: print(f"  half the layers recomputed:\n    ours-half vs trl:         {ratio('ours-half', 'trl')}\n"
+                                 f"    ours-half vs ours-auto:   {ratio('ours-half', 'ours-auto')}")
     o, f = med["ours"], med["full"]
     if "ours-bf16" in med: print(f"  bf16 autocast vs fp32 (ours-auto): examples/s {med['ours-bf16']['ex_s'] / med['ours-auto']['ex_s']:.2f}x")
     plan_d = 12 * (T - n) * V  # the planner's logits term, fp32 on the CPU: 12 B per position with logits
@@ -160,19 +166,20 @@ def bench(name, path, steps, repeats, batch, bf16):
     print(f"  planner 'logits + loss': {pf.components['logits + loss'] / 2**20:.1f} -> {pa.components['logits + loss'] / 2**20:.1f} MiB "
           f"(difference {plan_d / 2**20:.1f} MiB); measured peak RSS difference full - ours {(f['peak'] - o['peak']) / 2**20:.1f} MiB\n", flush=True)
 
-def main(steps=5, repeats=3, batch=8, bf16=False, models=("tiny", "smollm2")):
+def main(steps=5, repeats=3, batch=8, bf16=False, models=("tiny", "smollm2"), half=False):
     warnings.simplefilter("ignore"); datasets.disable_progress_bars()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 16)  # M_MMAP_THRESHOLD: large blocks mmapped, so freed tensors leave RSS
     import trl, transformers
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, trl {trl.__version__}, {torch.get_num_threads()} thread(s)")
     for name in models:
-        bench(name, tiny_model_path() if name == "tiny" else smollm2_dir(), steps, repeats, batch, bf16 and name != "tiny")
+        bench(name, tiny_model_path() if name == "tiny" else smollm2_dir(), steps, repeats, batch, bf16 and name != "tiny",
+              half and name != "tiny")
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=5); p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=8); p.add_argument("--bf16", action="store_true")
-    p.add_argument("--models", default="tiny,smollm2")
+    p.add_argument("--models", default="tiny,smollm2"); p.add_argument("--half", action="store_true")
     a = p.parse_args()
-    main(a.steps, a.repeats, a.batch_size, a.bf16, a.models.split(","))
+    main(a.steps, a.repeats, a.batch_size, a.bf16, a.models.split(","), a.half)
