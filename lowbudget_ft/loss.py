@@ -121,3 +121,13 @@ class AnswerOnlyLoss:
                 and num_items_in_batch is not None):
             loss *= self.accelerator.num_processes // self.get_tp_size() if self.args.n_gpu <= 1 else self.args.n_gpu
         return loss
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        "The evaluation loss the same way (no logits asked for: the Trainer's `eval_loss` without compute_metrics)."
+        if not prediction_loss_only or "labels" not in inputs:
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
+        import torch
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss = self.compute_loss(model, inputs)  # the mean over the batch's loss positions, as the Trainer's
+        return loss.detach().mean(), None, None
