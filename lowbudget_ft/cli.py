@@ -22,7 +22,7 @@ TINY_NOTE = ("Note: the default model is a TINY, RANDOMLY INITIALISED Llama buil
 
 # tiny model
 DEMO_DEFAULTS = dict(steps=200, batch_size=16, lr=3e-3, rank=16, warmup=0.1, eval_rows=240, max_seq_len=256)
-# a pretrained LLM (smollm2: 0% -> 95% on 60 held-out rows in ~10-16 min on 2 CPU cores)
+# a pretrained LLM (smollm2: 0% -> 95% on 60 held-out rows in ~7-10 min on 2 CPU cores)
 REAL_DEMO = dict(steps=60, batch_size=8, lr=1e-3, rank=16, warmup=0.1, eval_rows=60, max_seq_len=256)
 
 def demo_settings(model:str) -> dict:
