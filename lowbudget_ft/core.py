@@ -26,7 +26,7 @@ def fmt_bytes(n:float, # a number of bytes
 class GpuInfo:
     "What the training device is: name, usable memory, compute capability and bf16 support."
     name: str  # device name, e.g. "Tesla T4", or "cpu"
-    total_bytes: int  # memory usable by PyTorch (VRAM on CUDA, RAM on CPU)
+    total_bytes: int  # memory usable by PyTorch (VRAM on CUDA, within a set_per_process_memory_fraction cap; RAM on CPU)
     capability: tuple|None = None  # CUDA compute capability, e.g. (7, 5) on a T4
     bf16: bool = False  # whether the card computes in bfloat16 natively (Ampere and newer)
     is_cuda: bool = False  # True on an NVIDIA GPU
@@ -54,7 +54,9 @@ def gpu_info(device:int=0, # CUDA device index to describe
     if not torch.cuda.is_available(): return GpuInfo("cpu", total_ram(), bf16=True)
     p = torch.cuda.get_device_properties(device)
     cap = (p.major, p.minor)
-    return GpuInfo(p.name, p.total_memory, cap, bf16=bf16_native(cap), is_cuda=True, count=torch.cuda.device_count())
+    share = torch.cuda.get_per_process_memory_fraction(device)  # a card capped with set_per_process_memory_fraction
+    return GpuInfo(p.name, int(p.total_memory * share), cap, bf16=bf16_native(cap), is_cuda=True,
+                   count=torch.cuda.device_count())
 
 # %% ../nbs/00_core.ipynb #fbc5fadd
 _DTYPE_NAMES = dict(fp16="float16", float16="float16", bf16="bfloat16", bfloat16="bfloat16", fp32="float32",

@@ -61,8 +61,8 @@ def plan(model, **kw):
 
 def run_plan(path, model, tok, df, s, instruction=None):
     ("The plan of the run `finetune` made: answer tokens of its data (the logits it builds) and the layers it "
-     "recomputed (gradient_checkpointing='auto' decides on the detected card, not the T4 cap: an OOM step then turns "
-     "every layer on, which the notes show).")
+     "recomputed (gradient_checkpointing='auto' plans against the T4 cap: `core.gpu_info` follows "
+     "set_per_process_memory_fraction; an out-of-memory step would turn every layer on, which the notes show).")
     from lowbudget_ft.data import prepare_dataset
     from lowbudget_ft.lora import checkpointed_layers
     from lowbudget_ft.train import _answer_tokens
