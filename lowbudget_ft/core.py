@@ -9,9 +9,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['fmt_bytes', 'GpuInfo', 'total_ram', 'bf16_native', 'gpu_info', 'compute_dtype', 'memory_stats', 'reset_peak',
-           'free_memory', 'in_notebook', 'in_colab', 'in_ci', 'in_nbdev_test', 'cache_dir', 'quiet_known_noise',
-           'close_matches', 'did_you_mean']
+__all__ = ['fmt_bytes', 'GpuInfo', 'total_ram', 'available_ram', 'bf16_native', 'gpu_info', 'compute_dtype', 'memory_stats',
+           'reset_peak', 'free_memory', 'in_notebook', 'in_colab', 'in_ci', 'in_nbdev_test', 'cache_dir',
+           'quiet_known_noise', 'close_matches', 'did_you_mean']
 
 # %% ../nbs/00_core.ipynb #790a4781
 def fmt_bytes(n:float, # a number of bytes
@@ -40,6 +40,15 @@ class GpuInfo:
 def total_ram() -> int:
     "Physical memory of this machine in bytes."
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+def available_ram() -> int:
+    "Memory a process can still take without swapping: the kernel's `MemAvailable` (Linux), else the physical total."
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"): return int(line.split()[1]) * 1024
+    except OSError: pass
+    return total_ram()
 
 # %% ../nbs/00_core.ipynb #c803237c
 def bf16_native(capability:tuple|None, # CUDA compute capability, e.g. (7, 5) on a T4; None on the CPU

@@ -232,6 +232,13 @@ def _preflight(model, cfg:RunConfig, gpu:str|None=None, **changes):
         raise WontFitError(plan)
     return plan
 
+def _plan_share() -> float:
+    ("The share of the device's usable memory auto checkpointing may plan for: 90%; on the CPU no more than 90% of "
+     "what other programs leave (running out of RAM kills the process, there is no out-of-memory step to catch).")
+    from lowbudget_ft.core import available_ram, total_ram
+    if gpu_info().is_cuda: return 0.9
+    return 0.9 * min(1.0, (available_ram() + memory_stats()["allocated"]) / total_ram())
+
 def _recompute_for_run(model, cfg:RunConfig, answer_tokens:int|None) -> int|None:
     ("With `gradient_checkpointing='auto'`: only the layers the plan of this run on this device needs recompute "
      "(`memory.layers_to_recompute`); how many, or None when the model's setting is not 'auto'.")
@@ -240,7 +247,7 @@ def _recompute_for_run(model, cfg:RunConfig, answer_tokens:int|None) -> int|None
     if getattr(model, "gradient_checkpointing_mode", None) != "auto": return None
     L = checkpointed_layers(model)[1]
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    try: n = layers_to_recompute(base.config, **plan_settings(cfg, answer_tokens=answer_tokens))
+    try: n = layers_to_recompute(base.config, share=_plan_share(), **plan_settings(cfg, answer_tokens=answer_tokens))
     except ValueError: n = None  # an architecture the planner can't read: every layer recomputes
     return recompute_layers(model, L if n is None else min(n, L))
 
