@@ -26,7 +26,7 @@ def fmt_bytes(n:float, # a number of bytes
 class GpuInfo:
     "What the training device is: name, usable memory, compute capability and bf16 support."
     name: str  # device name, e.g. "Tesla T4", or "cpu"
-    total_bytes: int  # memory usable by PyTorch (VRAM on CUDA, within a set_per_process_memory_fraction cap; RAM on CPU)
+    total_bytes: int  # memory usable by PyTorch (VRAM within a set_per_process_memory_fraction cap; RAM on CPU)
     capability: tuple|None = None  # CUDA compute capability, e.g. (7, 5) on a T4
     bf16: bool = False  # whether the card computes in bfloat16 natively (Ampere and newer)
     is_cuda: bool = False  # True on an NVIDIA GPU
