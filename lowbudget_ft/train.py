@@ -244,8 +244,8 @@ def _recompute_for_run(model, cfg:RunConfig, answer_tokens:int|None) -> int|None
      "(`memory.layers_to_recompute`); how many, or None when the model's setting is not 'auto'.")
     from lowbudget_ft.lora import checkpointed_layers, recompute_layers
     from lowbudget_ft.memory import layers_to_recompute
-    if getattr(model, "gradient_checkpointing_mode", None) != "auto": return None
     L = checkpointed_layers(model)[1]
+    if getattr(model, "gradient_checkpointing_mode", None) != "auto" or not L: return None  # (no per-layer flag)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     try: n = layers_to_recompute(base.config, share=_plan_share(), **plan_settings(cfg, answer_tokens=answer_tokens))
     except ValueError: n = None  # an architecture the planner can't read: every layer recomputes
