@@ -59,17 +59,15 @@ def plan(model, **kw):
     return dict(planned_peak=pl.allocated, planned_total=pl.total, planned_fits_t4=pl.fits)
 
 
-def run_plan(path, model, tok, df, s, instruction=None):
-    ("The plan of the run `finetune` made: answer tokens of its data (the logits it builds) and the layers it "
-     "recomputed (gradient_checkpointing='auto' plans against the T4 cap: `core.gpu_info` follows "
-     "set_per_process_memory_fraction; an out-of-memory step would turn every layer on, which the notes show).")
-    from lowbudget_ft.data import prepare_dataset
+def run_plan(path, model, res):
+    ("The plan of the run `finetune` made, read from the run: its settings, the answer tokens of the examples it "
+     "trained on (the logits it builds) and the layers it recomputed (gradient_checkpointing='auto' plans against "
+     "the T4 cap: `core.gpu_info` follows set_per_process_memory_fraction; an out-of-memory step would turn every "
+     "layer on, which the notes show).")
     from lowbudget_ft.lora import checkpointed_layers
     from lowbudget_ft.train import _answer_tokens
-    ds = prepare_dataset(df, tok, prompt="complaint", response="category", instruction=instruction, max_seq_len=s["max_seq_len"])
-    n = _answer_tokens(ds)
-    k, L = checkpointed_layers(model)
-    return dict(plan(path, rank=s["rank"], batch_size=s["batch_size"], max_seq_len=s["max_seq_len"], answer_tokens=n,
+    n, (k, L), c = _answer_tokens(res.trainer.train_dataset), checkpointed_layers(model), res.config
+    return dict(plan(path, rank=c.rank, batch_size=c.batch_size, max_seq_len=c.max_seq_len, answer_tokens=n,
                      gradient_checkpointing=k), answer_tokens=n, layers_recomputed=f"{k} of {L}")
 
 
@@ -106,7 +104,7 @@ def small_model_flow(rec, path, tag, a, deadline, work):
     def train(p):
         p.update(settings=s)
         res = finetune(model, tok, train_df[["complaint", "category"]], prompt="complaint", response="category", instruction=instr, **s)
-        p.update(run_plan(path, model, tok, train_df[["complaint", "category"]], s, instr))
+        p.update(run_plan(path, model, res))
         p.update(steps=res.steps, train_loss=res.train_loss, tokens_per_s=tokens_per_s(res), notes=res.notes,
                  micro_batch=res.micro_batch)
         st["adapter"] = res.adapter_path; return res
@@ -196,7 +194,7 @@ def big_model_flow(rec, a, deadline, work):
     def train(p):
         p.update(settings=s)
         res = finetune(model, tok, df[df.split == "train"][["complaint", "category"]], prompt="complaint", response="category", **s)
-        p.update(run_plan(arch, model, tok, df[df.split == "train"][["complaint", "category"]], s))
+        p.update(run_plan(arch, model, res))
         p.update(steps=res.steps, train_loss=res.train_loss, tokens_per_s=tokens_per_s(res), notes=res.notes, micro_batch=res.micro_batch)
         st["adapter"] = res.adapter_path
     phase(rec, "7b: finetune", train, deadline)
