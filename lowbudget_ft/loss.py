@@ -8,7 +8,7 @@ import functools, inspect
 from contextlib import contextmanager
 
 # %% auto #0
-__all__ = ['LOSS_CHUNK', 'loss_positions', 'slices_by_mask', 'head_logits', 'answer_loss', 'AnswerOnlyLoss']
+__all__ = ['LOSS_CHUNK', 'loss_positions', 'slices_by_mask', 'head_logits', 'answer_loss', 'logits_at', 'AnswerOnlyLoss']
 
 # %% ../nbs/11b_loss.ipynb #42e4d301
 LOSS_CHUNK = 1024  # loss positions whose logits exist at once when the head runs in chunks
@@ -99,6 +99,18 @@ def answer_loss(model, # a causal LM, `PeftModel`, or DDP-wrapped model
         ckpt = len(pieces) > 1 and torch.is_grad_enabled()
         total = sum(checkpoint(f, a, b, use_reentrant=False) if ckpt else f(a, b) for a, b in pieces)
     return total / (num_items_in_batch if num_items_in_batch is not None else n)
+
+# %% ../nbs/11b_loss.ipynb #la7c01d2
+def logits_at(model, # a causal LM, `PeftModel`, or DDP-wrapped model
+              inputs:dict, # the model's inputs: input_ids, attention_mask, position_ids, ...
+              keep, # (batch, seq) bool mask of the positions whose logits are wanted
+              use_mask:bool|None=None, # slice with `logits_to_keep=<mask>`; None: when the model supports it
+             ):
+    "Logits `(n, vocab)` at the `n` True positions of `keep` (row-major), without building them anywhere else."
+    by_mask = slices_by_mask(type(_base(model))) if use_mask is None else use_mask
+    if by_mask: return model(**inputs, logits_to_keep=keep).logits.reshape(int(keep.sum()), -1)
+    with _head_input(model, keep) as box: model(**inputs)
+    return head_logits(model, box[0][0])
 
 # %% ../nbs/11b_loss.ipynb #a433f76d
 class AnswerOnlyLoss:
