@@ -7,10 +7,10 @@ from __future__ import annotations
 import dataclasses, json, math
 from dataclasses import dataclass, field, fields, asdict
 from pathlib import Path
+from .memory import OPTIMIZERS
 
 # %% auto #0
-__all__ = ['SCHEDULERS', 'OPTIMIZERS', 'RunConfig', 'SettingError', 'check_model_config', 'save_config', 'load_config',
-           'plan_settings']
+__all__ = ['SCHEDULERS', 'RunConfig', 'SettingError', 'check_model_config', 'save_config', 'load_config', 'plan_settings']
 
 # %% ../nbs/09_config.ipynb #5ce08a5b
 def _opt(default, help:str): return field(default=default, metadata={"help": help})
@@ -87,9 +87,6 @@ def _check_type(name:str, kind:str, v):
 SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
               "inverse_sqrt",
               "cosine_with_min_lr", "warmup_stable_decay")
-OPTIMIZERS = ("paged_adamw_8bit", "adamw_8bit", "adamw_bnb_8bit", "paged_adamw_32bit", "adamw_torch",
-              "adamw_torch_fused",
-              "adafactor", "sgd", "lion_8bit", "paged_lion_8bit")
 
 def _known_optimizer(name:str) -> bool:
     "A name the Trainer accepts for `optim`."
@@ -211,11 +208,10 @@ def plan_settings(cfg:RunConfig, # the run
                   **changes, # settings to change, e.g. batch_size=1
                  ) -> dict:
     "`plan_memory` settings for the run `cfg`."
-    from lowbudget_ft.memory import OPTIMIZERS as PLANNED
     s = dict(rank=cfg.rank, batch_size=cfg.batch_size, max_seq_len=cfg.max_seq_len,
              gradient_checkpointing=bool(cfg.gradient_checkpointing),  # "auto": does it fit with every layer recomputed
              packing=cfg.packing)
-    if cfg.optimizer in PLANNED: s["optimizer"] = cfg.optimizer  # others are planned as the default 8-bit optimizer
+    if cfg.optimizer in OPTIMIZERS: s["optimizer"] = cfg.optimizer  # others are planned as the default 8-bit one
     if with_model: s |= dict(method="qlora" if cfg.bits < 16 else "lora", bits=min(cfg.bits, 8),
                              double_quant=cfg.double_quant)
     return s | changes

@@ -11,10 +11,10 @@ from .core import close_matches, fmt_bytes
 from .models import is_gguf
 
 # %% auto #0
-__all__ = ['PRESETS', 'GPUS', 'OPTIMIZERS', 'METHODS', 'CUDA_CONTEXT', 'resolve_gpu', 'model_config', 'Arch', 'architecture',
-           'quantized_bytes', 'optimizer_bytes', 'activation_bytes', 'MemoryPlan', 'plan_memory', 'layers_to_recompute',
-           'held_bytes', 'weights_estimate', 'saved_activation_bytes', 'WontFitError', 'check_fits', 'answer_labels',
-           'measure']
+__all__ = ['PRESETS', 'GPUS', 'OPTIMIZER_STATE', 'OPTIMIZERS', 'METHODS', 'CUDA_CONTEXT', 'resolve_gpu', 'model_config', 'Arch',
+           'architecture', 'quantized_bytes', 'optimizer_bytes', 'activation_bytes', 'MemoryPlan', 'plan_memory',
+           'layers_to_recompute', 'held_bytes', 'weights_estimate', 'saved_activation_bytes', 'WontFitError',
+           'check_fits', 'answer_labels', 'measure']
 
 # %% ../nbs/04_memory.ipynb #936b5887
 def _llama(V, h, i, L, nh, nkv, tied=False, **kw): return dict(model_type="llama", vocab_size=V, hidden_size=h,
@@ -196,7 +196,13 @@ def quantized_bytes(numel:int, # weights in the layer
     return (numel + 1) // 2, consts + 16 * 4
 
 # %% ../nbs/04_memory.ipynb #abc223d5
-OPTIMIZERS = ("paged_adamw_8bit", "adamw_8bit", "adamw", "adamw_torch", "paged_adamw_32bit")
+# the one optimizer table: name (the Trainer's `optim`) -> (state tensors per parameter, bytes per state element);
+# 8-bit states are blockwise (256 elements share a 4-byte scale) and stay 32-bit below 4096 elements; adafactor is
+# planned at one full fp32 state, an upper bound of its factored one; the Trainer's "sgd" keeps no momentum
+OPTIMIZER_STATE = {"paged_adamw_8bit": (2, 1), "adamw_8bit": (2, 1), "adamw_bnb_8bit": (2, 1), "paged_adamw_32bit": (2, 4),
+                   "adamw_torch": (2, 4), "adamw_torch_fused": (2, 4), "adafactor": (1, 4), "sgd": (0, 4),
+                   "lion_8bit": (1, 1), "paged_lion_8bit": (1, 1), "adamw": (2, 4)}
+OPTIMIZERS = tuple(OPTIMIZER_STATE)
 METHODS = ("qlora", "lora", "full")
 
 def optimizer_bytes(numels:list, # element counts of the trainable tensors
@@ -205,8 +211,9 @@ def optimizer_bytes(numels:list, # element counts of the trainable tensors
     "Bytes of optimizer state for trainable tensors of these sizes."
     if optimizer not in OPTIMIZERS: raise ValueError(f"optimizer={optimizer!r} is not supported; choose one of: "
                                                      f"{', '.join(OPTIMIZERS)}")
-    if "8bit" not in optimizer: return 8 * sum(numels)
-    return sum(8 * n if n < 4096 else 2 * n + 8 * math.ceil(n / 256) for n in numels)
+    states, size = OPTIMIZER_STATE[optimizer]
+    if size == 4: return 4 * states * sum(numels)
+    return states * sum(4 * n if n < 4096 else n + 4 * math.ceil(n / 256) for n in numels)
 
 def _targets(arch:Arch, targets, method):
     lins = arch.linears
