@@ -11,10 +11,12 @@ from .memory import GPUS, plan_memory
 from .config import RunConfig, load_config, _replace
 from .checkpoints import DivergedError
 from .train import train_from_config
+from .data import read_table, split_dataset
+from .baseline import drop_overlap, label_warnings, majority_rate
 
 # %% auto #0
-__all__ = ['TINY_NOTE', 'DEMO_DEFAULTS', 'REAL_DEMO', 'DEMO_FLAGS', 'demo_settings', 'demo_config', 'run_demo', 'main',
-           'plan_command', 'train_command', 'export_command']
+__all__ = ['TINY_NOTE', 'DEMO_DEFAULTS', 'REAL_DEMO', 'DEMO_FLAGS', 'demo_settings', 'demo_config', 'EvaluationFailed',
+           'run_demo', 'main', 'plan_command', 'train_command', 'export_command', 'evaluate_command']
 
 # %% ../nbs/16_cli.ipynb #e3ad35d9
 TINY_NOTE = ("Note: the default model is a TINY, RANDOMLY INITIALISED Llama built offline; its accuracy shows the "
@@ -34,10 +36,14 @@ def _say(msg:str, quiet:bool=False):
     if not quiet: print(msg, flush=True)
 
 # %% ../nbs/16_cli.ipynb #99af5519
+def _demo_table(data:str):
+    "The demo's table: 'sample' and 'long' are the bundled complaints (short, or at real length), else a file."
+    from lowbudget_ft.complaints import sample_path, long_sample_path
+    return read_table({"sample": sample_path("csv"), "long": long_sample_path()}.get(data, data))
+
 def _demo_inputs(a):
-    "Validate the demo's inputs up front; returns (model name, train table, test table, labels)."
-    from lowbudget_ft.complaints import sample_path
-    from lowbudget_ft.data import read_table, split_dataset
+    ("Validate the demo's inputs up front; returns (model name, train table, test table, labels, held-out rows "
+     "removed as duplicates of training rows).")
     from lowbudget_ft.models import model_path
     if a.out and Path(a.out).exists() and not Path(a.out).is_dir():
         raise FileExistsError(f"--out {a.out} is a file, not a folder: choose a new directory.")
@@ -45,43 +51,75 @@ def _demo_inputs(a):
         raise FileExistsError(f"--out {a.out} already exists and is not empty: choose a new directory (nothing is "
                               "overwritten).")
     name = model_path(a.model)
-    if a.data == "sample": df = read_table(sample_path("csv"))
-    else:
-        df = read_table(a.data)
-        if a.prompt not in df.columns or a.response not in df.columns:
-            missing = a.prompt if a.prompt not in df.columns else a.response
-            flag = "--prompt" if missing == a.prompt else "--response"
-            raise ValueError(f"{a.data} has no column {missing!r} (its columns: {', '.join(map(str, df.columns))}); "
-                             f"name the right one with {flag} COLUMN.")
+    df = _demo_table(a.data)
+    if a.prompt not in df.columns or a.response not in df.columns:
+        missing = a.prompt if a.prompt not in df.columns else a.response
+        flag = "--prompt" if missing == a.prompt else "--response"
+        raise ValueError(f"{a.data} has no column {missing!r} (its columns: {', '.join(map(str, df.columns))}); "
+                         f"name the right one with {flag} COLUMN.")
     answers = df[a.response].map(lambda v: v.strip() if isinstance(v, str) else "" if v is None or v != v else str(v))
     if (empty := int((answers == "").sum())):  # an empty answer is not a label
         if empty == len(df): raise ValueError(f"every row of {a.data} has an empty {a.response!r} (--response): fill "
                                               "it in or choose another column.")
         warnings.warn(f"dropped {empty} of {len(df)} rows with an empty answer in column {a.response!r}", stacklevel=2)
         df = df[answers != ""]
+    label_warnings(df, a.response)
     if "split" in df.columns and set(df["split"]) >= {"train", "test"}:
         train, test = df[df["split"] == "train"], df[df["split"] == "test"]
     else: train, test = split_dataset(df, eval_size=0.2, stratify=a.response, seed=0)
-    return name, train, test, sorted(set(map(str, train[a.response])))
+    test, removed = drop_overlap(train, test, a.prompt)
+    if not len(test): raise ValueError(f"every held-out row of {a.data} is also a training row (same text): the data "
+                                       "holds duplicates; remove them so the held-out score means something.")
+    return name, train, test, sorted(set(map(str, train[a.response]))), removed
 
 # %% ../nbs/16_cli.ipynb #1dfc5a56
-def _accuracy(model, tok, test, a, labels, n:int):
-    "Held-out label accuracy of `model` on the first `n` test rows."
+def _accuracy(model, tok, test, a, labels, cfg):
+    "Held-out label accuracy of `model` on `test`, scored and cut exactly as the run `cfg` trained."
     from lowbudget_ft.evaluate import evaluate_labels
-    return evaluate_labels(model, tok, test.head(n), prompt=a.prompt, response=a.response, labels=labels,
-                           instruction=a.instruction, max_new_tokens=16, batch_size=48)
+    return evaluate_labels(model, tok, test, prompt=a.prompt, response=a.response, labels=labels, config=cfg,
+                           progress="quiet" if a.quiet else "auto")
 
-def _side_by_side(model, tok, test, a, labels, n:int=3) -> str:
+def _side_by_side(model, tok, test, a, labels, cfg, n:int=3) -> str:
     "A few held-out complaints with the base model's answer (adapter off) beside the tuned one."
     from lowbudget_ft.evaluate import compare
     rows = test.head(n)
     cmp = compare(model, tok, list(rows[a.prompt]), truth=list(rows[a.response]), labels=labels,
-                  instruction=a.instruction, max_new_tokens=16)
+                  instruction=cfg.instruction, max_new_tokens=24, max_seq_len=cfg.max_seq_len)
     cut = lambda t, w: (t[:w - 1] + "…") if len(t) > w else t
     df = cmp.df
-    lines = [f"      {cut(p, 48):<48} | base: {cut(b, 14)!r:<18} | tuned: {t!r} {ok}"
+    lines = [f"      {cut(p, 48):<48} | base: {cut(b, 14)!r:<18} | tuned: {cut(t, 40)!r} {ok}"
              for p, b, t, ok in zip(df["prompt"], df["base"], df["tuned"], df["tuned ✓"])]
     return "      " + cmp.summary() + "\n" + "\n".join(lines)
+
+def _baseline(train, test, a, labels) -> dict:
+    "TF-IDF + logistic regression on the same rows (`a`: the prompt and response columns): its accuracy, or why none."
+    from lowbudget_ft.baseline import baseline_report
+    t0 = time.time()
+    try: r = baseline_report(train, test, prompt=a.prompt, response=a.response, labels=labels)
+    except ImportError as e: return dict(baseline_accuracy=None, baseline_note=str(e))
+    return dict(baseline_accuracy=r.accuracy, baseline_note="TF-IDF + logistic regression, same training rows",
+                baseline_seconds=round(time.time() - t0, 1))
+
+def _evaluate(model, tok, train, test, a, labels, cfg, stages:dict) -> dict:
+    "Before (adapter off) and after accuracy by label scoring, the baseline, and the routing line."
+    q = a.quiet
+    t0 = time.time()
+    _say(f"[6/8] Accuracy on {len(test)} held-out rows before training: the same model with its adapter switched off "
+         "(label scoring)", q)
+    with model.disable_adapter(): before = _accuracy(model, tok, test, a, labels, cfg)
+    _say(f"      {before.accuracy:.1%}", q)
+    _say("[7/8] Accuracy after training", q)
+    after = _accuracy(model, tok, test, a, labels, cfg)
+    _say(f"      {after.accuracy:.1%}; {after.routing_line()}", q)
+    _say(_side_by_side(model, tok, test, a, labels, cfg), q)
+    stages["evaluate"] = round(time.time() - t0, 1)
+    _say("[8/8] The five-minute baseline on the same rows", q)
+    base = _baseline(train, test, a, labels)
+    _say(f"      {base['baseline_accuracy']:.1%}" if base["baseline_accuracy"] is not None else
+         f"      {base['baseline_note']}", q)
+    return dict(accuracy_before=before.accuracy, accuracy_after=after.accuracy, eval_method=after.method,
+                unparsed_before=before.unparsed, unparsed_after=after.unparsed, routing=after.routing_line(),
+                coverage=json.loads(after.coverage().round(4).to_json(orient="records")), **base)  # NaN -> null
 
 def demo_config(a, # the demo's parsed arguments
                 name:str, # the resolved model (a directory or hub id)
@@ -96,79 +134,96 @@ def demo_config(a, # the demo's parsed arguments
                      save_every=max(1, a.steps // 3), seed=a.seed, output_dir=str(output_dir),
                      dashboard="quiet" if a.quiet else "console", max_seq_len=a.max_seq_len)
 
+def _publish(work:Path, out:Path, summary:dict):
+    "Write `summary.json` into `work` and move `work` to `out` (empty, checked up front), or update it in place."
+    target = out if out.exists() and (out/"adapter").exists() else work
+    tmp = target/".summary.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=2)); os.replace(tmp, target/"summary.json")
+    if target is work:
+        if out.exists(): out.rmdir()
+        os.replace(work, out)
+
+class EvaluationFailed(RuntimeError):
+    "Evaluation after training failed; the trained adapter was kept (`adapter` names where)."
+    def __init__(self, msg:str, adapter:Path): super().__init__(msg); self.adapter = adapter
+
 def run_demo(a) -> dict:
-    ("The whole flow: check, load 4-bit with LoRA, train, accuracy before (adapter off) and after, save. Returns the "
-     "summary.")
+    ("The whole flow: check, load 4-bit with LoRA, train, save, then accuracy before (adapter off) and after, the "
+     "baseline and routing. Returns the summary.")
     from lowbudget_ft.lora import trainable_report
     from lowbudget_ft.train import finetune, load_for_config
-    t0, q = time.time(), a.quiet
+    t0, q, stages = time.time(), a.quiet, {}
     tiny = a.model == "tiny"
     for k, v in demo_settings(a.model).items():
         if getattr(a, k, None) is None: setattr(a, k, v)
-    _say("[1/7] Checking inputs and the machine", q)
-    name, train, test, labels = _demo_inputs(a)
+    _say("[1/8] Checking inputs and the machine", q)
+    name, train, test, labels, removed = _demo_inputs(a)
+    test = test.head(a.eval_rows)
     # a pretrained model is told the labels, so "before" is a fair zero-shot score
     if a.instruction is None and not tiny:
         a.instruction = f"Answer with one of these categories only: {', '.join(labels)}."
     info = gpu_info()
     _say(f"      device: {info}; {len(train)} training and {len(test)} held-out rows, {len(labels)} labels", q)
+    if removed: _say(f"      {removed} held-out rows also in the training rows were removed (same text)", q)
     if tiny: _say("      " + TINY_NOTE, q)
     out = Path(a.out) if a.out else Path(tempfile.mkdtemp(prefix="lowbudget-ft-demo-"))
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
+        test.to_csv(work/"heldout.csv", index=False)  # `lowbudget-ft evaluate` scores these rows again
+        train.to_csv(work/"train.csv", index=False)  # and compares with chance and the baseline fitted on these
         from transformers import set_seed
         set_seed(a.seed)
         cfg = demo_config(a, name, work/"checkpoints")
-        _say("[2/7] Loading the model in 4-bit NF4 (double quantisation)", q)
-        model, tok = load_for_config(cfg, check_fit=not a.force)
-        _say("[3/7] LoRA adapters on every linear layer" + (" (random base: its embeddings and output head train too)"
+        _say("[2/8] Loading the model in 4-bit NF4 (double quantisation)", q)
+        t = time.time(); model, tok = load_for_config(cfg, check_fit=not a.force)
+        stages["load"] = round(time.time() - t, 1)
+        _say("[3/8] LoRA adapters on every linear layer" + (" (random base: its embeddings and output head train too)"
                                                             if tiny else ""), q)
         rep = trainable_report(model)
         _say(f"      {rep}", q)
-        n_eval = min(len(test), a.eval_rows)
-        _say(f"[4/7] Training {a.steps} steps (batch {a.batch_size}, paged 8-bit AdamW, completion-only loss)", q)
-        res = finetune(model, tok, train[[a.prompt, a.response]], config=cfg)
-        _say(f"[5/7] Accuracy on {n_eval} held-out rows before training: the same model with its adapter switched off",
-             q)
-        with model.disable_adapter(): before = _accuracy(model, tok, test, a, labels, n_eval)
-        _say(f"      {before.accuracy:.1%} ({before.unparsed} answers named no label)", q)
-        _say("[6/7] Accuracy after training", q)
-        after = _accuracy(model, tok, test, a, labels, n_eval)
-        _say(f"      {after.accuracy:.1%} ({after.unparsed} answers named no label)", q)
-        sample = _side_by_side(model, tok, test, a, labels)
-        _say(sample, q)
-        _say("[7/7] Saving the adapter", q)
+        _say(f"[4/8] Training {a.steps} steps (batch {a.batch_size}, paged 8-bit AdamW, completion-only loss)", q)
+        t = time.time(); res = finetune(model, tok, train[[a.prompt, a.response]], config=cfg)
+        stages["train"] = round(time.time() - t, 1)
+        _say("[5/8] Saving the adapter", q)
         shutil.move(str(res.adapter_path), work/"adapter")
         shutil.rmtree(work/"checkpoints", ignore_errors=True)
         summary = dict(model=a.model if not tiny else "tiny (random init, built offline)", data=a.data,
-                       device=info.name,
-                       accuracy_before=before.accuracy, accuracy_after=after.accuracy, eval_rows=n_eval,
-                       chance_accuracy=round(1 / len(labels), 4),
-                       unparsed_before=before.unparsed, unparsed_after=after.unparsed, labels=labels,
+                       device=info.name, eval_rows=len(test), heldout_removed=removed, labels=labels,
+                       chance_accuracy=round(majority_rate(train, test, a.response), 4),
                        trainable_params=rep.trainable, total_params=rep.total, trainable_pct=round(rep.pct, 3),
                        steps=res.steps, train_loss=res.train_loss, peak_memory_bytes=res.peak_memory,
                        compute_dtype=str(model.get_base_model().dtype).replace("torch.", ""),
-                       peak_memory=fmt_bytes(res.peak_memory), wall_seconds=round(time.time() - t0, 1),
-                       adapter=str((out/"adapter").resolve()), note=TINY_NOTE if tiny else "")
-        (work/"summary.json").write_text(json.dumps(summary, indent=2))
-        if out.exists(): out.rmdir()  # empty (checked up front)
-        os.replace(work, out)
+                       peak_memory=fmt_bytes(res.peak_memory), adapter=str((out/"adapter").resolve()),
+                       note=TINY_NOTE if tiny else "")
+        _publish(work, out, summary | dict(wall_seconds=round(time.time() - t0, 1), stage_seconds=stages))
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
+    try: summary |= _evaluate(model, tok, train, test, a, labels, cfg, stages)
+    except Exception as e:
+        raise EvaluationFailed(f"evaluation after training failed ({_one_line(e)}); the trained adapter is kept in "
+                               f"{out/'adapter'}: evaluate it again with `lowbudget-ft evaluate {out/'adapter'} "
+                               f"--data {out/'heldout.csv'} --train {out/'train.csv'}`", out/"adapter") from e
+    summary |= dict(wall_seconds=round(time.time() - t0, 1), stage_seconds=stages)
+    _publish(work, out, summary)
     return summary
 
 # %% ../nbs/16_cli.ipynb #a5755423
 def _print_summary(s:dict):
     "The demo's closing summary."
+    base = (f"baseline {s['baseline_accuracy']:.1%} (TF-IDF + logistic regression, same rows)"
+            if s.get("baseline_accuracy") is not None else s.get("baseline_note", "no baseline"))
     print(f"""
 == lowbudget-ft demo: summary
-  accuracy (held-out, {s['eval_rows']} rows): {s['accuracy_before']:.1%} before -> {s['accuracy_after']:.1%} after \
-(chance {s['chance_accuracy']:.1%})
+  accuracy (held-out, {s['eval_rows']} rows, label scoring): {s['accuracy_before']:.1%} before -> \
+{s['accuracy_after']:.1%} after; chance (majority class) {s['chance_accuracy']:.1%}; {base}
+  routing: {s['routing']}
+  held-out rows removed as copies of training rows: {s['heldout_removed']}
   trainable parameters: {s['trainable_params']:,} of {s['total_params']:,} ({s['trainable_pct']:.2f}%)
   peak memory: {s['peak_memory']} ({'CUDA allocator' if s['device'] != 'cpu' else 'process RSS, CPU'})
-  wall time: {s['wall_seconds']:.0f} s, {s['steps']} steps, mean train loss {s['train_loss']:.3f}
+  wall time: {s['wall_seconds']:.0f} s ({', '.join(f'{k} {v:.0f} s' for k, v in s['stage_seconds'].items())}), \
+{s['steps']} steps, mean train loss {s['train_loss']:.3f}
   adapter: {s['adapter']}  (loads with peft.PeftModel.from_pretrained)
   summary: {Path(s['adapter']).parent/'summary.json'}""" + (f"\n  {s['note']}" if s['note'] else ""), flush=True)
 
@@ -177,7 +232,8 @@ def _demo_parser(p):
     "Arguments of `lowbudget-ft demo`."
     p.add_argument("--model", default="tiny", help="tiny (default, offline), smollm2 (a real 135M LLM, offline), a "
                                                    ".gguf file, a model folder or a hub id")
-    p.add_argument("--data", default="sample", help="CSV/XLSX/JSONL/Parquet file (default: the bundled complaints)")
+    p.add_argument("--data", default="sample", help="CSV/XLSX/JSONL/Parquet file; 'sample' (default): the bundled "
+                                                  "short complaints; 'long': the real-length variant")
     p.add_argument("--prompt", default="complaint", help="column with the input text")
     p.add_argument("--response", default="category", help="column with the label to learn")
     p.add_argument("--instruction", default=None, help="task description put before every input (default for a "
@@ -209,7 +265,10 @@ def _doctor(_a) -> int:
     return 0
 
 def _demo(a) -> int:
-    s = run_demo(a)
+    try: s = run_demo(a)
+    except EvaluationFailed as e:  # the adapter is kept: say where and how to evaluate it again
+        print(f"lowbudget-ft demo: error: {e}", file=sys.stderr)
+        return 1
     if not a.out: print("(no --out given: the adapter is in a temporary directory)")
     _print_summary(s)
     return 0
@@ -222,6 +281,8 @@ def _parser():
     sub.add_parser("doctor", help="versions, device and memory")
     sub.add_parser("plan", help="will it fit? memory plan for a model (see `lowbudget-ft plan -h`)", add_help=False)
     sub.add_parser("train", help="train from a run config file (see `lowbudget-ft train -h`)", add_help=False)
+    sub.add_parser("evaluate", help="score a saved adapter on held-out rows (see `lowbudget-ft evaluate -h`)",
+                   add_help=False)
     sub.add_parser("export", help="merge an adapter (checked) and write a GGUF (see `lowbudget-ft export -h`)",
                    add_help=False)
     return p
@@ -273,6 +334,8 @@ def main(argv:list|None=None) -> int:
         return train_command(argv[1:])
     if argv[:1] == ["export"]:
         return export_command(argv[1:])
+    if argv[:1] == ["evaluate"]:
+        return evaluate_command(argv[1:])
     a = _parser().parse_args(argv)
     _quiet_libraries()
     try: return {"demo": _demo, "doctor": _doctor}[a.command](a)
@@ -410,6 +473,41 @@ def export_command(argv:list|None=None, # arguments after `lowbudget-ft export`
             f = export_gguf(out/"merged", out/"gguf", quant=a.gguf)
             print(f"GGUF: {f}; for Ollama: ollama create NAME -f {f.parent/'Modelfile'}")
     except (ValueError, OSError, ImportError, MemoryError, KeyboardInterrupt) as e: return _fail("export", e)
+    return 0
+
+# %% ../nbs/16_cli.ipynb #evalcmd2
+def evaluate_command(argv:list|None=None, # arguments after `lowbudget-ft evaluate`
+                    ) -> int:
+    ("`lowbudget-ft evaluate ADAPTER --data FILE`: label accuracy of a saved adapter on held-out rows, prompted and "
+     "cut as its run trained, beside chance; the routing line.")
+    from lowbudget_ft.export import load_adapter
+    from lowbudget_ft.evaluate import evaluate_labels
+    p = argparse.ArgumentParser(prog="lowbudget-ft evaluate", description="Score a saved adapter on held-out rows.")
+    p.add_argument("adapter", help="adapter folder (its run_config.yaml gives the prompt settings)")
+    p.add_argument("--data", required=True, help="held-out table with the run's prompt and response columns (the "
+                                                 "demo writes OUT/heldout.csv)")
+    p.add_argument("--rows", type=int, default=None, help="score only the first N rows")
+    p.add_argument("--train", default=None, help="the training rows: adds chance (their majority class) and the TF-IDF "
+                                                 "baseline fitted on them (the demo writes OUT/train.csv)")
+    p.add_argument("--method", choices=["score", "generate"], default="score", help="label scoring (default) or "
+                                                                                      "generation")
+    a = p.parse_args(argv)
+    _quiet_libraries()
+    try:
+        cfg = load_config(Path(a.adapter)/"run_config.yaml")
+        df = _demo_table(a.data)
+        model, tok = load_adapter(a.adapter)
+        df, train = df.head(a.rows) if a.rows else df, read_table(a.train) if a.train else None
+        labels = sorted(set(map(str, train[cfg.response]))) if train is not None else None  # the run's label set
+        r = evaluate_labels(model, tok, df, prompt=cfg.prompt, response=cfg.response, labels=labels, config=cfg,
+                            method=a.method)
+        chance = majority_rate(train, df, cfg.response) if train is not None else r.chance
+        base = _baseline(train, df, cfg, r.labels) if train is not None else {}
+    except (ValueError, OSError, KeyError, MemoryError, KeyboardInterrupt) as e: return _fail("evaluate", e)
+    print(f"accuracy {r.accuracy:.1%} on {len(r.truth)} rows ({r.method}; chance, the majority class: {chance:.1%})")
+    if base: print(f"baseline: {base['baseline_accuracy']:.1%} ({base['baseline_note']})" if base["baseline_accuracy"]
+                   is not None else f"baseline: {base['baseline_note']}")
+    if r.probabilities is not None: print(f"routing: {r.routing_line()}")
     return 0
 
 # %% ../nbs/16_cli.ipynb #9b61f8ec

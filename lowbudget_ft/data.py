@@ -10,9 +10,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['DEFAULT_TEMPLATE', 'INPUT_ONLY_TEMPLATE', 'INSTRUCTION_ONLY_TEMPLATE', 'format_messages', 'format_prompt',
-           'read_table', 'encode_prompt', 'prepare_dataset', 'make_collator', 'MaskedText', 'show_masking',
-           'LengthReport', 'length_report', 'split_dataset']
+__all__ = ['DEFAULT_TEMPLATE', 'INPUT_ONLY_TEMPLATE', 'INSTRUCTION_ONLY_TEMPLATE', 'LABEL_ANSWERS', 'format_messages',
+           'format_prompt', 'read_table', 'encode_prompt', 'prepare_dataset', 'make_collator', 'MaskedText',
+           'show_masking', 'LengthReport', 'length_report', 'split_dataset']
 
 # %% ../nbs/07_data.ipynb #4807234d
 DEFAULT_TEMPLATE = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
@@ -234,9 +234,18 @@ def _drop_warning(n:int, total:int, what:str, rows:list):
                         f"{', '.join(map(str, rows[:8]))}{', ...' if n > 8 else ''})", stacklevel=3)
 
 # %% ../nbs/07_data.ipynb #035502fc
+LABEL_ANSWERS = 100  # answers with at most this many distinct values (and under half the rows) are a label set
+
+def _label_room(tokenizer, answers:list) -> int|None:
+    "Tokens every prompt keeps for its answer when the answers are labels: the longest label + EOS; None for free text."
+    distinct = set(answers)
+    if not distinct or len(distinct) > LABEL_ANSWERS or len(distinct) > len(answers) / 2: return None
+    return max(len(ids) for ids in tokenizer(sorted(distinct), add_special_tokens=False)["input_ids"]) + 1
+
 def _encode_rows(tokenizer, prompts:list, answers:list, parts:list|None, instruction_of, template, max_seq_len,
-                 train_on_prompt):
-    "Tokenise prompts and answers apart, concatenate, fit into `max_seq_len`; returns (columns, dropped, truncated)."
+                 train_on_prompt, room:int|None=None):
+    ("Tokenise prompts and answers apart, concatenate, fit into `max_seq_len` (prompts keep `room` tokens for the "
+     "answer, else their own answer's length); returns (columns, dropped, truncated).")
     eos = tokenizer.eos_token_id
     bos = [tokenizer.bos_token_id] if _adds_bos(tokenizer) else []
     p_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
@@ -246,8 +255,9 @@ def _encode_rows(tokenizer, prompts:list, answers:list, parts:list|None, instruc
     for i, (p, a) in enumerate(zip(p_ids, a_ids)):
         if bos and p[:1] != bos: p = bos + p  # same rule as `encode_prompt`
         a = a + [eos]
-        if max_seq_len is not None and len(p) + len(a) > max_seq_len:
-            p = _shorten(tokenizer, p, len(bos), max_seq_len - len(a), parts[i] if parts else None, instruction_of(i),
+        need = max(room or 0, len(a))
+        if max_seq_len is not None and len(p) + need > max_seq_len:
+            p = _shorten(tokenizer, p, len(bos), max_seq_len - need, parts[i] if parts else None, instruction_of(i),
                          template)
             if p is None: dropped.append(i); continue
             truncated.append(i)
@@ -304,8 +314,9 @@ def _prepare_table(df, tokenizer, prompt, response, instruction, messages, max_s
     if not keep: raise ValueError(f"no row of {name} has both an input in column {prompt!r} and an answer in column "
                                   f"{response!r}; fill them in")
     prompts = [format_prompt(inputs[i], tokenizer, instr[i], template) for i in keep]
-    return keep, _encode_rows(tokenizer, prompts, [answers[i] for i in keep], [inputs[i] for i in keep],
-                              lambda j: instr[keep[j]], template, max_seq_len, train_on_prompt)
+    kept = [answers[i] for i in keep]
+    return keep, _encode_rows(tokenizer, prompts, kept, [inputs[i] for i in keep], lambda j: instr[keep[j]], template,
+                              max_seq_len, train_on_prompt, _label_room(tokenizer, kept))
 
 # %% ../nbs/07_data.ipynb #8f6b39c6
 def prepare_dataset(data, # a path (.csv .xlsx .jsonl .json .parquet), DataFrame, `Dataset` or `DatasetDict`

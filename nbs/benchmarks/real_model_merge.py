@@ -79,14 +79,16 @@ def main():
     say(f"instruction: {INSTRUCTION}")
     model, tok = load_model(base, bits=4)
     model = add_lora(model, rank=a.rank)
-    with model.disable_adapter(): before = evaluate_labels(model, tok, test, labels=CATEGORIES, instruction=INSTRUCTION, max_new_tokens=16)
+    with model.disable_adapter(): before = evaluate_labels(model, tok, test, labels=CATEGORIES, instruction=INSTRUCTION, max_new_tokens=16,
+                                                                   method="generate")
     say(f"accuracy before training (adapter off): {before.accuracy:.1%} ({before.unparsed} unparsed); e.g. {before.answers[0]!r}")
     t = time.time()
     res = finetune(model, tok, train[["complaint", "category"]], max_steps=a.steps, batch_size=a.batch_size, grad_accum=1, lr=a.lr,
                    instruction=INSTRUCTION, output_dir=str(work/"run"), dashboard="console", logging_steps=5, save_every=10_000, save_minutes=0)
     losses = [r["loss"] for r in res.history if r.get("loss") is not None]
     say(f"training: {res.steps} steps in {time.time() - t:.0f} s ({(time.time() - t) / res.steps:.1f} s/step), loss {losses[0]:.3f} -> {losses[-1]:.3f}")
-    after = evaluate_labels(model, tok, test, labels=CATEGORIES, instruction=INSTRUCTION, max_new_tokens=16)
+    after = evaluate_labels(model, tok, test, labels=CATEGORIES, instruction=INSTRUCTION, max_new_tokens=16,
+                                                                   method="generate")
     trained = after.predicted
     say(f"accuracy after training (4-bit base + adapter, the trained model): {after.accuracy:.1%} ({after.unparsed} unparsed)")
     R.update(steps=res.steps, batch_size=a.batch_size, eval_rows=len(prompts), loss_first=losses[0], loss_last=losses[-1],
