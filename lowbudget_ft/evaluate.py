@@ -197,7 +197,8 @@ def _label_md(self:LabelReport) -> str:
             f"{self.chance:.1%}; {self.method}, {self.unparsed} unparsed answers), macro F1 {self.macro_f1:.3f}\n\n")
     if self.probabilities is not None: head += f"Routing: {self.routing_line()}.\n\n"
     if self.agreement is not None: head += f"Scoring and generation agree on {self.agreement:.1%} of rows.\n\n"
-    if self.baseline is not None: head += f"Baseline (TF-IDF + logistic regression, same rows): {self.baseline:.1%}.\n\n"
+    if self.baseline is not None:
+        head += f"Baseline (TF-IDF + logistic regression, same rows): {self.baseline:.1%}.\n\n"
     return head + _md_table([[l, f"{r.precision:.3f}", f"{r.recall:.3f}", f"{r.f1:.3f}", int(r.support)] for l,
                              r in pc.iterrows()],
                             ["label", "precision", "recall", "F1", "support"])

@@ -199,9 +199,9 @@ def quantized_bytes(numel:int, # weights in the layer
 # the one optimizer table: name (the Trainer's `optim`) -> (state tensors per parameter, bytes per state element);
 # 8-bit states are blockwise (256 elements share a 4-byte scale) and stay 32-bit below 4096 elements; adafactor is
 # planned at one full fp32 state, an upper bound of its factored one; the Trainer's "sgd" keeps no momentum
-OPTIMIZER_STATE = {"paged_adamw_8bit": (2, 1), "adamw_8bit": (2, 1), "adamw_bnb_8bit": (2, 1), "paged_adamw_32bit": (2, 4),
-                   "adamw_torch": (2, 4), "adamw_torch_fused": (2, 4), "adafactor": (1, 4), "sgd": (0, 4),
-                   "lion_8bit": (1, 1), "paged_lion_8bit": (1, 1), "adamw": (2, 4)}
+OPTIMIZER_STATE = {"paged_adamw_8bit": (2, 1), "adamw_8bit": (2, 1), "adamw_bnb_8bit": (2, 1),
+                   "paged_adamw_32bit": (2, 4), "adamw_torch": (2, 4), "adamw_torch_fused": (2, 4),
+                   "adafactor": (1, 4), "sgd": (0, 4), "lion_8bit": (1, 1), "paged_lion_8bit": (1, 1), "adamw": (2, 4)}
 OPTIMIZERS = tuple(OPTIMIZER_STATE)
 METHODS = ("qlora", "lora", "full")
 
