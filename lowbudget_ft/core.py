@@ -4,14 +4,14 @@
 
 # %% ../nbs/00_core.ipynb #d5e13d8e
 from __future__ import annotations
-import functools, gc, logging, os, sys, resource, warnings
+import functools, gc, logging, os, shutil, sys, resource, tempfile, warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 # %% auto #0
 __all__ = ['fmt_bytes', 'GpuInfo', 'total_ram', 'available_ram', 'bf16_native', 'gpu_info', 'compute_dtype', 'memory_stats',
            'reset_peak', 'free_memory', 'in_notebook', 'in_colab', 'in_ci', 'in_nbdev_test', 'cache_dir',
-           'quiet_known_noise', 'close_matches', 'did_you_mean']
+           'cached_folder', 'quiet_known_noise', 'close_matches', 'did_you_mean']
 
 # %% ../nbs/00_core.ipynb #790a4781
 def fmt_bytes(n:float, # a number of bytes
@@ -155,6 +155,22 @@ def cache_dir() -> Path:
     d = Path(os.environ.get("LOWBUDGET_FT_CACHE") or Path.home()/".cache"/"lowbudget_ft")
     d.mkdir(parents=True, exist_ok=True)
     return d
+
+def cached_folder(name:str, # the folder's name under `cache_dir()` (a key of what it is built from)
+                  build, # `build(folder)` writes the folder's files
+                  files:tuple=("config.json",), # files whose presence means the folder is complete
+                 ) -> Path:
+    "`cache_dir()/name`, built first if needed into a hidden temporary folder that is renamed into place."
+    final = cache_dir()/name
+    if all((final/f).exists() for f in files): return final
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=cache_dir()))
+    try:
+        build(tmp)
+        try: os.replace(tmp, final)
+        except OSError:  # another process finished first; its files are identical
+            if not all((final/f).exists() for f in files): raise
+    finally: shutil.rmtree(tmp, ignore_errors=True)
+    return final
 
 # %% ../nbs/00_core.ipynb #98bb2ee8
 _KNOWN_WARNINGS = [(FutureWarning, r"`(gradient_checkpointing_enable|is_gradient_checkpointing)` is deprecated"),

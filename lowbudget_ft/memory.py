@@ -11,10 +11,10 @@ from .core import close_matches, fmt_bytes
 from .models import is_gguf
 
 # %% auto #0
-__all__ = ['PRESETS', 'GPUS', 'OPTIMIZER_STATE', 'OPTIMIZERS', 'METHODS', 'CUDA_CONTEXT', 'resolve_gpu', 'model_config', 'Arch',
-           'architecture', 'quantized_bytes', 'optimizer_bytes', 'activation_bytes', 'MemoryPlan', 'plan_memory',
-           'layers_to_recompute', 'held_bytes', 'weights_estimate', 'saved_activation_bytes', 'WontFitError',
-           'check_fits', 'answer_labels', 'measure']
+__all__ = ['PRESETS', 'GPUS', 'OPTIMIZER_STATE', 'OPTIMIZERS', 'METHODS', 'CUDA_CONTEXT', 'STATIC_COMPONENTS', 'resolve_gpu',
+           'model_config', 'Arch', 'architecture', 'quantized_bytes', 'optimizer_bytes', 'activation_bytes',
+           'MemoryPlan', 'plan_memory', 'layers_to_recompute', 'held_bytes', 'weights_estimate',
+           'saved_activation_bytes', 'WontFitError', 'check_fits', 'answer_labels']
 
 # %% ../nbs/04_memory.ipynb #936b5887
 def _llama(V, h, i, L, nh, nkv, tied=False, **kw): return dict(model_type="llama", vocab_size=V, hidden_size=h,
@@ -569,7 +569,8 @@ def _plot(self:MemoryPlan, ax=None):
 MemoryPlan.plot = _plot
 
 # %% ../nbs/04_memory.ipynb #7d31bd0a
-_STATIC = _WEIGHTS + ("fp32 upcast (peft)", "LoRA weights", "LoRA grads", "optimizer state")
+# the parts of a plan that a loaded, prepared model and its optimizer hold (what `measure` compares on the CPU)
+STATIC_COMPONENTS = _WEIGHTS + ("fp32 upcast (peft)", "LoRA weights", "LoRA grads", "optimizer state")
 
 def answer_labels(input_ids, # (batch, seq) token ids
                   answer_tokens:int, # loss positions per row: the last ones, as completion-only labels put them
@@ -580,72 +581,3 @@ def answer_labels(input_ids, # (batch, seq) token ids
     labels = input_ids.clone()
     labels[:, :max(0, input_ids.shape[1] - answer_tokens)] = -100
     return labels
-
-def measure(model, # local model directory (or a loaded causal LM)
-            method:str="qlora", # "qlora" or "lora"
-            bits:int=4, # 4 or 8 for qlora
-            double_quant:bool=True, # NF4 double quantisation
-            rank:int=16, # LoRA rank
-            batch_size:int=1, # sequences per step
-            max_seq_len:int=128, # tokens per sequence
-            steps:int=2, # optimizer steps to run
-            gradient_checkpointing:bool=True, # recompute layers in the backward pass
-            optimizer:str="paged_adamw_8bit", # "paged_adamw_8bit", "adamw_8bit" or "adamw"
-            gpu:str|None=None, # plan against this card (default: the device it runs on)
-            # loss on the last N positions of each row (`loss.answer_loss`); None: the model's loss at every position
-            answer_tokens:int|None=None,
-           ) -> dict:
-    "Run `steps` real training steps and return the plan's figures beside the measured ones."
-    import torch
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from lowbudget_ft.loss import LOSS_CHUNK, answer_loss
-    cuda = torch.cuda.is_available()
-    from lowbudget_ft.core import compute_dtype
-    dt = compute_dtype()  # the one rule: fp16 before Ampere, bf16 after, fp32 on the CPU (or LOWBUDGET_FT_DTYPE)
-    q = None
-    if method == "qlora":
-        q = (BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=double_quant,
-                                bnb_4bit_compute_dtype=dt)
-             if bits == 4 else BitsAndBytesConfig(load_in_8bit=True))
-    if cuda: torch.cuda.reset_peak_memory_stats()
-    m = model if not isinstance(model, (str, Path)) else AutoModelForCausalLM.from_pretrained(model,
-            quantization_config=q, dtype=dt, device_map={"": 0} if cuda else None, attn_implementation="sdpa")
-    plan = plan_memory(m.config, method=method, bits=bits, double_quant=double_quant, rank=rank, batch_size=batch_size,
-                       max_seq_len=max_seq_len, gradient_checkpointing=gradient_checkpointing, optimizer=optimizer,
-                       answer_tokens=answer_tokens, loss_chunk=LOSS_CHUNK, gpu=gpu, dtype=2 if cuda else 4,
-                       recommend=False)
-    footprint = m.get_memory_footprint()
-    ck = dict(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if method == "qlora": m = prepare_model_for_kbit_training(m, use_gradient_checkpointing=gradient_checkpointing,
-                                                              **ck)
-    elif gradient_checkpointing: m.gradient_checkpointing_enable(**ck); m.enable_input_require_grads()
-    m = get_peft_model(m, LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.05, target_modules="all-linear",
-                                     task_type="CAUSAL_LM")).train()
-    import bitsandbytes as bnb
-    params = [p for p in m.parameters() if p.requires_grad]
-    opt = {"paged_adamw_8bit": bnb.optim.PagedAdamW8bit, "adamw_8bit": bnb.optim.AdamW8bit}.get(optimizer,
-            torch.optim.AdamW)(params, lr=1e-4)
-    dev = next(m.parameters()).device
-    ids = torch.randint(0, m.config.vocab_size, (batch_size, max_seq_len), device=dev)
-    labels = None if answer_tokens is None else answer_labels(ids, answer_tokens)
-    def step_loss():
-        with torch.autocast(dev.type, dtype=dt, enabled=cuda):
-            if labels is None: return m(input_ids=ids, labels=ids).loss
-            return answer_loss(m, {"input_ids": ids}, labels, chunk=LOSS_CHUNK)
-    for i in range(steps):
-        if i == 0:  # the first forward also counts what autograd keeps for the backward pass
-            box = []; saved = saved_activation_bytes(m, ids, forward=lambda: box.append(step_loss())); loss = box[0]
-        else: loss = step_loss()
-        loss.backward(); opt.step()
-        if i < steps - 1: opt.zero_grad(set_to_none=True)
-    out = dict(plan=plan, footprint=footprint, device="cuda" if cuda else "cpu", loss=float(loss),
-               answer_tokens=answer_tokens)
-    out["estimate_static"] = sum(plan.components.get(k, 0) for k in _STATIC)
-    out["held_static"] = held_bytes(m, opt)
-    out["measured_saved"] = saved  # activations, log-softmax and head inputs kept by one forward (device-independent)
-    if cuda:
-        out["estimate_peak"] = plan.allocated
-        out["measured_peak"] = torch.cuda.max_memory_allocated()
-        out["measured_reserved"] = torch.cuda.max_memory_reserved()
-    return out

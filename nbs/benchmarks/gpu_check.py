@@ -37,7 +37,7 @@ def build(preset, small, dev, dt, dq=True):
 def run(setting, small, steps, dev, dt):
     import bitsandbytes as bnb
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from lowbudget_ft.memory import plan_memory, held_bytes, saved_activation_bytes, answer_labels, _STATIC
+    from lowbudget_ft.memory import plan_memory, held_bytes, saved_activation_bytes, answer_labels, STATIC_COMPONENTS
     from lowbudget_ft.loss import LOSS_CHUNK, answer_loss
     preset, bs, seq, ckpt, ans = setting
     model, cfg = build(preset, small, dev, dt)
@@ -63,7 +63,7 @@ def run(setting, small, steps, dev, dt):
     if dev == "cuda":
         row.update(estimate=plan.allocated, measured=torch.cuda.max_memory_allocated(), reserved=torch.cuda.max_memory_reserved(), before_lora=base)
     else:
-        row.update(estimate=sum(plan.components.get(k, 0) for k in _STATIC if k != "LoRA grads"), measured=held_bytes(model, opt))  # grads were freed
+        row.update(estimate=sum(plan.components.get(k, 0) for k in STATIC_COMPONENTS if k != "LoRA grads"), measured=held_bytes(model, opt))  # grads were freed
     row["ratio"] = row["estimate"] / row["measured"]
     del model, opt, loss; gc.collect()
     if dev == "cuda": torch.cuda.empty_cache()

@@ -74,7 +74,8 @@ def set_layers(model, auto:bool, share:float=1.0):
     recompute_layers(model, L if auto else round(share * L))
 
 def run_ours(model, tok, ds, steps, batch, full=False, bf16=False, auto=False, share=1.0):
-    T, probe = train_mod._trainer_class(), Probe()
+    from lowbudget_ft.trainer import LowBudgetTrainer as T
+    probe, ours = Probe(), T.compute_loss
     set_layers(model, auto, share)
     if full: T.compute_loss = Trainer.compute_loss  # the Trainer's ordinary loss: logits at every token
     try:
@@ -83,7 +84,7 @@ def run_ours(model, tok, ds, steps, batch, full=False, bf16=False, auto=False, s
                             save_minutes=0, logging_steps=1, dashboard="quiet", warmup_ratio=0.0)
             train_mod.finetune(model, tok, ds, config=cfg, callbacks=[probe])
     finally:
-        if full: del T.compute_loss
+        T.compute_loss = ours
     probe.recomputed = checkpointed_layers(model)
     return probe
 
