@@ -27,6 +27,10 @@ MUTANTS = {
     "lora": ("06_lora", "lora_alpha=alpha or 2 * rank,", "lora_alpha=2 * rank,"),
     "train": ("14_train", "        if name in MODEL_SETTINGS and v != getattr(trained, name):",
               "        if name in MODEL_SETTINGS and False:"),
+    "config": ("09_config", '    if not c.lr > 0: raise SettingError("lr", c.lr, "must be positive, e.g. 2e-4")',
+               '    pass'),
+    "loading": ("05_loading", "bnb_4bit_use_double_quant=double_quant,", "bnb_4bit_use_double_quant=True,"),
+    "tiny": ("02_tiny", "json.dumps([_FORMAT, seed, TINY_CONFIG", "json.dumps([_FORMAT, 0, TINY_CONFIG"),
 }
 
 def mutant(module:str, nb:str, old:str, new:str) -> dict:
