@@ -6,7 +6,6 @@
 from __future__ import annotations
 import contextlib, json, math, os, shutil, time
 from pathlib import Path
-from .config import RunConfig
 
 # %% auto #0
 __all__ = ['BLOWUP', 'RESUME_SETTINGS', 'complete_checkpoints', 'discard', 'clear_deleted', 'mark_complete', 'DivergedError',

@@ -6,7 +6,7 @@
 from __future__ import annotations
 import hashlib, importlib.util, os
 from pathlib import Path
-from .core import cache_dir, cached_folder
+from .core import cached_folder
 
 # %% auto #0
 __all__ = ['SMOLLM2_PACKAGE', 'SMOLLM2_GGUF', 'SMOLLM2_INSTALL', 'GGUF_INSTALL', 'MODEL_FILES', 'BUILTIN_MODELS',

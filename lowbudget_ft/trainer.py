@@ -4,7 +4,7 @@
 
 # %% ../nbs/13_trainer.ipynb #e4d4c310
 from __future__ import annotations
-import inspect, json, math, os, sys, time
+import inspect, math, sys, time
 from pathlib import Path
 # transformers' Trainer imports torch and transformers (5-18 s on 2 CPU cores, measured): only `finetune` imports
 # this module, when it trains, so `import lowbudget_ft` and `lowbudget-ft --help` stay fast
