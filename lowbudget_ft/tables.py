@@ -6,22 +6,23 @@
 from __future__ import annotations
 import csv, io, json, math, sys, threading, time, warnings, zipfile
 from pathlib import Path
-from .core import close_matches, did_you_mean
+from .core import close_matches, did_you_mean, in_notebook
 
 # %% auto #0
 __all__ = ['PROGRESS_AFTER', 'ProgressLine', 'read_table', 'split_dataset']
 
 # %% ../nbs/06b_tables.ipynb #tb000007
 PROGRESS_AFTER = 2.0  # seconds a step may stay quiet before it shows a progress line
+_LOG_EVERY = 10.0  # where the line cannot be rewritten (a log file, a pipe): a new line at most this often
 
 class ProgressLine:
-    "One status line on stderr, shown once a step has been quiet `PROGRESS_AFTER` seconds and rewritten in place."
+    "One status line on stderr once a step has been quiet `PROGRESS_AFTER` s: rewritten in place, or logged every 10 s."
     def __init__(self, what:str, # what is happening, e.g. "reading big.csv (50.1 MB)"
                  total:int|None=None, # how many `unit`s there are to do, when known
                  unit:str="rows", # what `done` counts
                 ):
-        self.what, self.total, self.unit, self.done, self.note, self._width = what, total, unit, 0, "", 0
-        self._stop, self._lock, self._shown = threading.Event(), threading.Lock(), False
+        self.what, self.total, self.unit, self.done, self.note = what, total, unit, 0, ""
+        self._stop, self._lock, self._last, self._at = threading.Event(), threading.Lock(), "", None
 
     def line(self, elapsed:float, final:bool=False) -> str:
         "The text of the line after `elapsed` seconds."
@@ -30,25 +31,29 @@ class ProgressLine:
                 + (f"done in {elapsed:.1f} s" if final else f"{elapsed:.0f} s"))
 
     def _show(self, final:bool=False):
-        elapsed = time.monotonic() - self._t0
+        now = time.monotonic()
         with self._lock:
-            if not self._shown and elapsed < PROGRESS_AFTER: return
-            text = self.line(elapsed, final)
-            sys.stderr.write("\r" + text.ljust(self._width) + ("\n" if final else "")); sys.stderr.flush()
-            self._shown, self._width = True, len(text)
+            text = self.line(now - self._t0, final)
+            if self._at is None: quiet = now - self._t0 < PROGRESS_AFTER  # not shown yet: wait for the quiet time
+            else: quiet = not (final or self._live) and now - self._at < _LOG_EVERY
+            if text == self._last or quiet: return
+            if self._live: sys.stderr.write("\r" + text.ljust(len(self._last)) + ("\n" if final else ""))
+            else: sys.stderr.write(text + "\n")
+            sys.stderr.flush()
+            self._last, self._at = text, now
 
     def _tick(self):
         while not self._stop.wait(0.25): self._show()
 
     def __enter__(self):
-        self._t0 = time.monotonic()
+        self._t0, self._live = time.monotonic(), in_notebook() or sys.stderr.isatty()
         threading.Thread(target=self._tick, daemon=True).start()
         return self
 
     def __exit__(self, typ, *_):
         self._stop.set()
         if typ is None: self._show(final=True)
-        elif self._shown: sys.stderr.write("\n"); sys.stderr.flush()  # the error then starts on a line of its own
+        elif self._at is not None and self._live: sys.stderr.write("\n"); sys.stderr.flush()  # the error: own line
 
 # %% ../nbs/06b_tables.ipynb #2739aec9
 _READERS = {".csv": "csv", ".tsv": "csv", ".txt": "csv", ".xlsx": "excel", ".xlsm": "excel", ".xls": "excel",
@@ -63,14 +68,17 @@ def _binary_kind(raw:bytes) -> str|None:
         if raw.startswith(magic): return what
     return "a binary file" if b"\x00" in raw[:4096] and raw[:2] not in _BOMS else None
 
-def _decode(path:Path, encoding:str|None) -> str:
-    "The text of `path`, as UTF-8 (BOM allowed, UTF-16 with a BOM too) or `encoding`, with a clear error otherwise."
-    raw = path.read_bytes()
+def _encoding(raw:bytes, encoding:str|None) -> str:
+    "The encoding to decode `raw` with: `encoding`, else UTF-16 when it starts with its BOM, else UTF-8 (BOM allowed)."
+    return encoding or _BOMS.get(raw[:2], "utf-8-sig")
+
+def _decode(path:Path, encoding:str|None, raw:bytes|None=None) -> str:
+    "The text of `path` (or of its bytes `raw`) in `_encoding`, with a clear error when it is not text in it."
+    raw = path.read_bytes() if raw is None else raw
     if encoding is None and (what := _binary_kind(raw)):
         raise ValueError(f"{path.name} is {what}, not text; give it the right extension (.xlsx for a workbook) or "
                          "export the sheet again as CSV UTF-8")
-    enc = encoding or _BOMS.get(raw[:2], "utf-8-sig")
-    try: return raw.decode(enc)
+    try: return raw.decode(_encoding(raw, encoding))
     except UnicodeDecodeError as e:
         raise ValueError(f"{path.name} is not {encoding or 'UTF-8'} text (byte 0x{raw[e.start:e.start+1].hex()} at "
                          f"position {e.start}); pass encoding=\"cp1252\" (Excel on Windows) or encoding=\"latin-1\", "
@@ -90,12 +98,15 @@ _CSV_FIX = ("fix that line (quote every text that holds the delimiter, close eve
 def _read_csv(path:Path, encoding:str|None):
     "A CSV (or TSV) as a DataFrame of strings, delimiter sniffed."
     import pandas as pd
-    text = _decode(path, encoding)
-    if not text.strip(): raise ValueError(f"{path.name} is empty; export the sheet again with a header row and data "
-                                          "rows")
-    try: sep = csv.Sniffer().sniff(text[:20000], delimiters=",;\t|").delimiter
+    raw = path.read_bytes()
+    text = _decode(path, encoding, raw)  # checks that all of it decodes; parsed from the bytes (no 4x str copy)
+    head, blank = text[:20000], not text.strip()
+    del text
+    if blank: raise ValueError(f"{path.name} is empty; export the sheet again with a header row and data rows")
+    try: sep = csv.Sniffer().sniff(head, delimiters=",;\t|").delimiter
     except csv.Error: sep = "\t" if path.suffix == ".tsv" else ","
-    try: return pd.read_csv(io.StringIO(text), sep=sep, dtype=str, keep_default_na=False)
+    try: return pd.read_csv(io.BytesIO(raw), encoding=_encoding(raw, encoding), sep=sep, dtype=str,
+                            keep_default_na=False)
     except (ValueError, csv.Error) as e: raise _unreadable(path, "CSV", e, _CSV_FIX) from None
 
 def _read_jsonl(path:Path, encoding:str|None):
