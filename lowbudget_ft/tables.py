@@ -4,7 +4,7 @@
 
 # %% ../nbs/06b_tables.ipynb #tb000004
 from __future__ import annotations
-import csv, io, json, math, sys, threading, time, warnings, zipfile
+import csv, io, json, math, re, sys, threading, time, warnings, zipfile
 from pathlib import Path
 from .core import close_matches, did_you_mean, in_notebook
 
@@ -168,6 +168,19 @@ def _pick_sheet(path:Path, names:list, sheet):
     return sheet
 
 # %% ../nbs/06b_tables.ipynb #tb000012
+_NO_RESULT = re.compile(rb"(?:</f>|<f[^>]*/>)\s*(?:<v\s*/>|<v>\s*</v>)?\s*</c>")  # a formula cell with no saved <v>
+
+def _may_have_uncached(path:Path) -> bool:
+    "Whether any worksheet's XML holds a formula with no saved value (a cheap scan before asking openpyxl)."
+    with zipfile.ZipFile(path) as z:
+        for name in (n for n in z.namelist() if n.startswith("xl/worksheets/") and n.endswith(".xml")):
+            with z.open(name) as f:
+                tail = b""
+                while chunk := f.read(1 << 20):
+                    if _NO_RESULT.search(tail + chunk): return True
+                    tail = chunk[-256:]
+    return False
+
 def _uncached_formulas(path:Path, sheet:str) -> list:
     "Cells of `sheet` holding a formula with no saved result: pandas reads them as empty."
     import openpyxl
@@ -187,7 +200,8 @@ def _read_excel(path:Path, sheet):
         try: df = pd.read_excel(xl, sheet_name=sheet)
         except (ValueError, OSError, KeyError, zipfile.BadZipFile) as e:
             raise _unreadable(path, f"an Excel workbook (sheet {sheet!r})", e, _EXCEL_FIX) from None
-    if xl.engine == "openpyxl" and df.isna().to_numpy().any() and (cells := _uncached_formulas(path, sheet)):
+    if (xl.engine == "openpyxl" and df.isna().to_numpy().any() and _may_have_uncached(path)
+            and (cells := _uncached_formulas(path, sheet))):
         warnings.warn(f"{path.name} (sheet {sheet!r}): {len(cells)} formula cell(s) have no saved result and read as "
                       f"empty (e.g. {', '.join(cells[:5])}); open the workbook in Excel or LibreOffice and save it "
                       "so the results are stored, or paste the cells as values", stacklevel=3)
