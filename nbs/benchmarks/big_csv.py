@@ -103,11 +103,12 @@ def main():
         print(f"{csv.name}: {info}", flush=True)
         old = Path(d) / "before"; old.mkdir()
         subprocess.run(f"git -C {ROOT} archive {a.before} lowbudget_ft | tar -x -C {old}", shell=True, check=True)
-        res = {"csv": info, "tokenizer": a.tokenizer, "before_commit": a.before,
-               "after_commit": subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
-                                              capture_output=True, text=True).stdout.strip()}
+        head = lambda: subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+                                      text=True).stdout.strip()
+        res = {"csv": info, "tokenizer": a.tokenizer, "before_commit": a.before}
         for name, path in (("before", str(old)), ("after", str(ROOT))):
             if a.only and name != a.only: continue
+            if name == "after": res["after_commit"] = head()  # HEAD when the after run starts (the tree it imports)
             res[name] = measure(path, str(csv), a.tokenizer, a.train_helpers)
             print(name, res[name], flush=True)
     gib = lambda b: f"{b / 2**30:.2f} GiB"
