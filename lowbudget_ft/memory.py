@@ -593,6 +593,7 @@ def longest(model, # preset name, local path, hub id or `PretrainedConfig`
             gpu:str|None=None, # card name from `GPUS`, or None for the detected device
             step:int=256, # granularity of the answer, in tokens
             modes:dict|None=None, # label -> gradient_checkpointing; None: none, all layers, offload
+            budget:int|None=None, # usable bytes of a card not in `GPUS` (e.g. an 8 GB one); None: the card's own
             **settings, # other `plan_memory` settings: batch_size, rank, answer_tokens, ...
            ) -> dict:
     "The longest `max_seq_len` (a multiple of `step`) whose plan fits, for each checkpointing mode: label -> plan."
@@ -600,11 +601,12 @@ def longest(model, # preset name, local path, hub id or `PretrainedConfig`
     for label, mode in (modes or _MODES).items():
         def plan(s): return plan_memory(model, gpu=gpu, **{**settings, "max_seq_len": s,
                                                            "gradient_checkpointing": mode}, recommend=False)
+        def fits(s): p = plan(s); return p.fits if budget is None else p.total <= budget and p.host_fits
         lo, hi = 0, step
-        while hi <= 2**21 and plan(hi).fits: lo, hi = hi, 2 * hi  # lo fits (or is 0), hi does not
+        while hi <= 2**21 and fits(hi): lo, hi = hi, 2 * hi  # lo fits (or is 0), hi does not
         while hi - lo > step:
             mid = (lo + hi) // 2 // step * step
-            lo, hi = (mid, hi) if plan(mid).fits else (lo, mid)
+            lo, hi = (mid, hi) if fits(mid) else (lo, mid)
         out[label] = plan(lo) if lo else None
     return out
 
