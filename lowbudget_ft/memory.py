@@ -326,26 +326,30 @@ class MemoryPlan:
                     notes=self.notes, verdict=self.verdict, host=dict(self.host), host_total=self.host_total,
                     host_budget=self.host_budget)
 
-    def _repr_markdown_(self):
-        rows = [f"| {k} | {fmt_bytes(v)} | {100 * v / max(self.total, 1):.1f}% |" for k,
-                v in self.components.items() if v]
-        s = self.settings
-        head = (f"**{s.get('model', '')}** · {s.get('method')} · batch {s.get('batch_size')} × seq "
-                f"{s.get('max_seq_len')} "
-                f"· r={s.get('rank')}\n\n")
-        table = ("| component | memory | share |\n|---|---:|---:|\n" + "\n".join(rows)
-                 + f"\n| **total** | **{fmt_bytes(self.total)}** | |")
-        table += "".join(f"\n| host RAM: {k} | {fmt_bytes(v)} | |" for k, v in self.host.items())
-        recs = "".join(f"\n- {r}" for r in self.recommendations)
-        notes = "".join(f"\n- *{n}*" for n in self.notes)
-        return head + table + f"\n\n**{'✅' if self.fits else '❌'} {self.verdict}**" + recs + notes
+# %% ../nbs/04_memory.ipynb #165e40e0
+def _plan_markdown(self:MemoryPlan) -> str:
+    "The plan as a markdown table, with its verdict, advice and notes."
+    rows = [f"| {k} | {fmt_bytes(v)} | {100 * v / max(self.total, 1):.1f}% |" for k,
+            v in self.components.items() if v]
+    s = self.settings
+    head = (f"**{s.get('model', '')}** · {s.get('method')} · batch {s.get('batch_size')} × seq "
+            f"{s.get('max_seq_len')} "
+            f"· r={s.get('rank')}\n\n")
+    table = ("| component | memory | share |\n|---|---:|---:|\n" + "\n".join(rows)
+             + f"\n| **total** | **{fmt_bytes(self.total)}** | |")
+    table += "".join(f"\n| host RAM: {k} | {fmt_bytes(v)} | |" for k, v in self.host.items())
+    recs = "".join(f"\n- {r}" for r in self.recommendations)
+    notes = "".join(f"\n- *{n}*" for n in self.notes)
+    return head + table + f"\n\n**{'✅' if self.fits else '❌'} {self.verdict}**" + recs + notes
 
-    def __str__(self):
-        w = max(len(k) for k in [*self.components, *(f"host RAM: {k}" for k in self.host)])
-        lines = [f"{k:<{w}}  {fmt_bytes(v):>12}" for k, v in self.components.items() if v]
-        lines += [f"{'host RAM: ' + k:<{w}}  {fmt_bytes(v):>12}" for k, v in self.host.items()]
-        return "\n".join(lines + [f"{'total':<{w}}  {fmt_bytes(self.total):>12}",
-                                  self.verdict] + [f"- {r}" for r in self.recommendations])
+def _plan_text(self:MemoryPlan) -> str:
+    "The plan as aligned text lines (what `lowbudget-ft plan` prints)."
+    w = max(len(k) for k in [*self.components, *(f"host RAM: {k}" for k in self.host)])
+    lines = [f"{k:<{w}}  {fmt_bytes(v):>12}" for k, v in self.components.items() if v]
+    lines += [f"{'total':<{w}}  {fmt_bytes(self.total):>12}"]  # on the card; host RAM (offload) apart, below
+    lines += [f"{'host RAM: ' + k:<{w}}  {fmt_bytes(v):>12}" for k, v in self.host.items()]
+    return "\n".join(lines + [self.verdict] + [f"- {r}" for r in self.recommendations])
+MemoryPlan._repr_markdown_, MemoryPlan.__str__ = _plan_markdown, _plan_text
 
 # %% ../nbs/04_memory.ipynb #9544922a
 # what k-bit preparation holds in fp32 besides the adapters: "none" (`lora.prepare_kbit`, the default), "norms"
