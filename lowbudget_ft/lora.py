@@ -56,6 +56,7 @@ def add_lora(model, # a causal LM, quantised or not
              train_embeddings:bool=False, # also train the input embeddings in full (for a base that knows no words)
             ):
     "Wrap `model` in a peft `PeftModel` with LoRA adapters, ready for training."
+    import torch
     from peft import LoraConfig, get_peft_model
     quiet_known_noise()
     if not isinstance(rank, int) or rank < 1:
@@ -74,6 +75,8 @@ def add_lora(model, # a causal LM, quantised or not
     cfg = LoraConfig(r=rank, lora_alpha=alpha or 2 * rank, lora_dropout=dropout, target_modules=targets,
                      task_type="CAUSAL_LM", modules_to_save=full or None)
     model = get_peft_model(model, cfg)
+    for p in model.parameters():  # modules trained in full: fp32 weights, as the optimizer and fp16's loss scaler need
+        if p.requires_grad and p.dtype in (torch.float16, torch.bfloat16): p.data = p.data.float()
     model.gradient_checkpointing_mode = gradient_checkpointing  # what the run record and `finetune` read
     model.activation_offload = offload  # the offload hooks (their `bytes_out`), or None
     return model
