@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse, json, os, shutil, sys, tempfile, time, warnings
 from pathlib import Path
 from .core import gpu_info, memory_stats, fmt_bytes
-from .memory import GPUS, plan_memory
+from .memory import GPUS, plan_memory, longest_table
 from .config import RunConfig, load_config, _replace
 from .checkpoints import DivergedError
 from .train import train_from_config, TrainingInterrupted
@@ -376,6 +376,10 @@ def plan_command(argv:list[str]|None=None, # arguments after `lowbudget-ft plan`
     ap.add_argument("--batch-size", type=int, default=1); ap.add_argument("--max-seq-len", type=int, default=512)
     ap.add_argument("--rank", type=int, default=16); ap.add_argument("--optimizer", default="paged_adamw_8bit")
     ap.add_argument("--no-checkpointing", action="store_true"); ap.add_argument("--json", action="store_true")
+    ap.add_argument("--offload", action="store_true", help="checkpointed layers' inputs in host RAM "
+                    "(gradient_checkpointing='offload')")
+    ap.add_argument("--longest", action="store_true", help="print the longest --max-seq-len that fits for each "
+                    "checkpointing mode (none, all layers, offload), with each one's components")
     ap.add_argument("--answer-tokens", default=None, metavar="N", help="loss positions per sequence (the answer's "
                     "tokens): logits only there, as training builds them (default: logits at every position)")
     try: a = ap.parse_args(argv)
@@ -383,12 +387,28 @@ def plan_command(argv:list[str]|None=None, # arguments after `lowbudget-ft plan`
     try:
         plan = plan_memory(a.model, method=a.method, bits=a.bits, double_quant=not a.no_double_quant, rank=a.rank,
                            batch_size=a.batch_size, max_seq_len=a.max_seq_len,
-                           gradient_checkpointing=not a.no_checkpointing, optimizer=a.optimizer,
+                           gradient_checkpointing="offload" if a.offload else not a.no_checkpointing,
+                           optimizer=a.optimizer,
                            answer_tokens=_answer_tokens(a.answer_tokens), gpu=a.gpu)
     except (ValueError, FileNotFoundError) as e:
         print(f"lowbudget-ft plan: {e}", file=sys.stderr); return 2
+    if a.longest: return _print_longest(plan, a.json)
     print(json.dumps(plan.to_dict(), indent=1, default=str) if a.json else str(plan))
     return 0 if plan.fits else 3
+
+def _print_longest(plan, # the plan of the command's settings
+                   as_json:bool, # one JSON object (mode -> longest max_seq_len, 0 if none fits) instead of tables
+                  ) -> int:
+    "`lowbudget-ft plan --longest`: the longest sequence per checkpointing mode; exit 0 if one fits, 3 if none."
+    runs = plan.longest()
+    seqs = {m: p.settings["max_seq_len"] if p else 0 for m, p in runs.items()}
+    if as_json: print(json.dumps(seqs))
+    else:
+        print("\n".join(f"{m:>10}: longest max_seq_len {n:,}" if n else f"{m:>10}: nothing fits" for m, n in
+                        seqs.items()))
+        print("\n" + longest_table(runs))
+        print("\n" + "\n".join(dict.fromkeys(f"- {n}" for p in runs.values() if p for n in p.notes)))
+    return 0 if any(seqs.values()) else 3
 
 # %% ../nbs/21_cli.ipynb #72233b0b
 def _parse_sets(items:list) -> dict:

@@ -47,7 +47,8 @@ class RunConfig:
     scheduler: str = _opt("cosine", "learning-rate schedule")
     optimizer: str = _opt("paged_adamw_8bit", "optimizer: paged_adamw_8bit, adamw_8bit or adamw_torch")
     gradient_checkpointing: bool|str = _opt("auto", "recompute activations to save memory: true (every layer), false, "
-                                                   "or auto (only the layers the memory plan needs)")
+                                                   "offload (every layer, its input in host RAM), or auto (only "
+                                                   "the layers the memory plan needs)")
     logging_steps: int = _opt(10, "log the loss every N steps")
     save_every: int = _opt(50, "write a checkpoint every N steps")
     save_minutes: float = _opt(20.0, "also write a checkpoint every M minutes (0 = only every `save_every` steps); "
@@ -114,8 +115,8 @@ def _check_ranges(c):
     if not 0 <= c.eval_split < 1: raise SettingError("eval_split", c.eval_split, "must be in [0, 1), e.g. 0.1")
     if not c.save_minutes >= 0: raise SettingError("save_minutes", c.save_minutes, "must be >= 0 (0 turns time-based "
                                                                                    "checkpoints off)")
-    if not isinstance(c.gradient_checkpointing, bool) and c.gradient_checkpointing != "auto":
-        raise SettingError("gradient_checkpointing", c.gradient_checkpointing, "use true, false or auto")
+    if not isinstance(c.gradient_checkpointing, bool) and c.gradient_checkpointing not in ("auto", "offload"):
+        raise SettingError("gradient_checkpointing", c.gradient_checkpointing, "use true, false, offload or auto")
     if c.dashboard not in ("auto", "widget", "console", "quiet"): raise SettingError("dashboard", c.dashboard,
             "use auto, widget, console or quiet")
     if c.scheduler not in SCHEDULERS: raise SettingError("scheduler", c.scheduler,
@@ -209,7 +210,9 @@ def plan_settings(cfg:RunConfig, # the run
                  ) -> dict:
     "`plan_memory` settings for the run `cfg`."
     s = dict(rank=cfg.rank, batch_size=cfg.batch_size, max_seq_len=cfg.max_seq_len,
-             gradient_checkpointing=bool(cfg.gradient_checkpointing),  # "auto": does it fit with every layer recomputed
+             # "auto": does it fit with every layer recomputed; "offload" is planned as such (inputs in host RAM)
+             gradient_checkpointing=cfg.gradient_checkpointing if cfg.gradient_checkpointing == "offload"
+             else bool(cfg.gradient_checkpointing),
              packing=cfg.packing)
     if cfg.optimizer in OPTIMIZERS: s["optimizer"] = cfg.optimizer  # others are planned as the default 8-bit one
     if with_model: s |= dict(method="qlora" if cfg.bits < 16 else "lora", bits=min(cfg.bits, 8),

@@ -4,11 +4,34 @@
 
 # %% ../nbs/06_lora.ipynb #43886f34
 from __future__ import annotations
+import functools
 from dataclasses import dataclass
 from .core import quiet_known_noise
 
 # %% auto #0
-__all__ = ['add_lora', 'checkpointed_layers', 'recompute_layers', 'TrainableReport', 'trainable_report']
+__all__ = ['prepare_kbit', 'add_lora', 'checkpointed_layers', 'recompute_layers', 'ActivationOffload', 'offloaded_checkpoint',
+           'TrainableReport', 'trainable_report']
+
+# %% ../nbs/06_lora.ipynb #451493cd
+def _norms(model) -> list:
+    "The normalisation modules of `model`: LayerNorm, and each family's RMSNorm (found by its class name)."
+    from torch import nn
+    return [m for m in model.modules() if isinstance(m, nn.LayerNorm) or "norm" in type(m).__name__.lower()]
+
+def prepare_kbit(model, # a causal LM loaded in 4-bit or 8-bit (or any model whose base should stay frozen)
+                 upcast_norms:bool=False, # hold the norm weights in fp32 (peft does; measured unnecessary, see below)
+                 gradient_checkpointing:bool=True, # set up non-reentrant checkpointing on every decoder layer
+                ):
+    "Freeze the base for LoRA training; frozen embeddings and head keep the compute dtype (no fp32 copies)."
+    import torch
+    for p in model.parameters(): p.requires_grad_(False)
+    if upcast_norms:
+        for p in (p for m in _norms(model) for p in m.parameters(recurse=False)):
+            if p.dtype in (torch.float16, torch.bfloat16): p.data = p.data.float()
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()  # the embeddings' output requires grad: gradients reach every layer
+    return model
 
 # %% ../nbs/06_lora.ipynb #4d4c39f1
 def _is_quantized(model) -> bool:
@@ -25,32 +48,37 @@ def add_lora(model, # a causal LM, quantised or not
              alpha:int|None=None, # LoRA scaling numerator (peft's `lora_alpha`); `None` uses 2·rank
              dropout:float=0.05, # dropout on the LoRA input
              targets:str|list="all-linear", # module names to adapt, or "all-linear" (every linear but the head)
-             # recompute activations in the backward pass to save memory: True (every layer), False, or "auto":
-             # `finetune` recomputes only the layers the memory plan needs, none when the run fits without
+             # recompute activations in the backward pass to save memory: True (every layer), False, "offload"
+             # (every layer, its input held in host memory), or "auto": `finetune` recomputes only the layers the
+             # memory plan needs, none when the run fits without
              gradient_checkpointing:bool|str="auto",
              train_head:bool=False, # also train the output head in full (peft `modules_to_save`)
              train_embeddings:bool=False, # also train the input embeddings in full (for a base that knows no words)
             ):
     "Wrap `model` in a peft `PeftModel` with LoRA adapters, ready for training."
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    import torch
+    from peft import LoraConfig, get_peft_model
     quiet_known_noise()
     if not isinstance(rank, int) or rank < 1:
         raise ValueError(f"rank={rank!r} is not a valid LoRA rank: use a positive integer such as 8, 16 or 64.")
-    if not (isinstance(gradient_checkpointing, bool) or gradient_checkpointing == "auto"):
-        raise ValueError(f"gradient_checkpointing={gradient_checkpointing!r}: use True, False or 'auto'.")
+    if not (isinstance(gradient_checkpointing, bool) or gradient_checkpointing in ("auto", "offload")):
+        raise ValueError(f"gradient_checkpointing={gradient_checkpointing!r}: use True, False, 'offload' or 'auto'.")
     on = bool(gradient_checkpointing)  # "auto" sets it up on every layer; finetune turns off what memory doesn't need
-    ckpt = dict(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if _is_quantized(model): model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=on, **ckpt)
+    if _is_quantized(model): prepare_kbit(model, gradient_checkpointing=on)
     elif on:
-        model.gradient_checkpointing_enable(**ckpt)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
+    offload = _offload_checkpoints(model) if gradient_checkpointing == "offload" else None
     model.config.use_cache = False  # the KV cache is useless in training and conflicts with checkpointing
     full = [_module_name(model, model.get_output_embeddings())] * train_head + [_module_name(model,
             model.get_input_embeddings())] * train_embeddings
     cfg = LoraConfig(r=rank, lora_alpha=alpha or 2 * rank, lora_dropout=dropout, target_modules=targets,
                      task_type="CAUSAL_LM", modules_to_save=full or None)
     model = get_peft_model(model, cfg)
+    for p in model.parameters():  # modules trained in full: fp32 weights, as the optimizer and fp16's loss scaler need
+        if p.requires_grad and p.dtype in (torch.float16, torch.bfloat16): p.data = p.data.float()
     model.gradient_checkpointing_mode = gradient_checkpointing  # what the run record and `finetune` read
+    model.activation_offload = offload  # the offload hooks (their `bytes_out`), or None
     return model
 
 # %% ../nbs/06_lora.ipynb #ddb6be5c
@@ -75,6 +103,44 @@ def recompute_layers(model, # a model from `add_lora` with gradient_checkpointin
                          "gradient_checkpointing='auto') or True.")
     for i, l in enumerate(layers): l.gradient_checkpointing = i < n
     return min(n, len(layers))
+
+# %% ../nbs/06_lora.ipynb #28dacfe1
+class ActivationOffload:
+    "Saved-tensor hooks that hold what they pack in host memory (pinned, copied on a side stream on CUDA)."
+    def __init__(self): self.bytes_out, self._stream = 0, None  # bytes copied to the host since construction
+
+    def pack(self, t):
+        import torch
+        self.bytes_out += t.numel() * t.element_size()
+        if t.device.type != "cuda": return t.device, t.detach().to("cpu", copy=True), None
+        if self._stream is None: self._stream = torch.cuda.Stream(t.device)
+        self._stream.wait_stream(torch.cuda.current_stream(t.device))  # the copy starts once `t` is computed
+        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        with torch.cuda.stream(self._stream):
+            host.copy_(t, non_blocking=True); done = torch.cuda.Event(); done.record()
+        t.record_stream(self._stream)  # the allocator keeps t's memory until the copy has read it
+        return t.device, host, done
+
+    def unpack(self, packed):
+        import torch
+        device, host, done = packed
+        if done is not None: torch.cuda.current_stream(device).wait_event(done)
+        return host.to(device, non_blocking=True)
+
+def offloaded_checkpoint(offload:ActivationOffload, # the hooks that hold the inputs on the host
+                         function, # the layer's forward, as transformers passes it to its checkpoint function
+                         *args, **kwargs):
+    "Non-reentrant `torch.utils.checkpoint.checkpoint` whose saved inputs `offload` holds on the host."
+    import torch
+    from torch.utils.checkpoint import checkpoint
+    with torch.autograd.graph.saved_tensors_hooks(offload.pack, offload.unpack):
+        return checkpoint(function, *args, use_reentrant=False, **kwargs)
+
+def _offload_checkpoints(model) -> ActivationOffload:
+    "Make every checkpointed decoder layer of `model` hold its saved input on the host."
+    off = ActivationOffload()
+    for l in _layers(model): l._gradient_checkpointing_func = functools.partial(offloaded_checkpoint, off)
+    return off
 
 # %% ../nbs/06_lora.ipynb #8a9fc172
 @dataclass

@@ -42,7 +42,7 @@ def measure(model:str|Path, # a local model folder, or a name `load_model` knows
             batch_size:int=1, # sequences per step
             max_seq_len:int=128, # tokens per sequence
             steps:int=2, # optimizer steps to run
-            gradient_checkpointing:bool=True, # recompute layers in the backward pass
+            gradient_checkpointing:bool|str=True, # recompute layers in the backward pass; "offload": inputs on the host
             optimizer:str="paged_adamw_8bit", # any `RunConfig.optimizer`
             gpu:str|None=None, # plan against this card (default: the device it runs on)
             answer_tokens:int|None=None, # loss on the last N positions of each row; None: every position
@@ -69,8 +69,10 @@ def measure(model:str|Path, # a local model folder, or a name `load_model` knows
             else: step()
             t.optimizer.step()
             if i < steps - 1: t.optimizer.zero_grad(set_to_none=True)
+    off = m.activation_offload.bytes_out // steps if m.activation_offload else 0  # per step: each forward sends it
     out = dict(plan=plan, footprint=footprint, device="cuda" if cuda else "cpu", loss=float(box[0]),
                answer_tokens=answer_tokens, measured_saved=saved, held_static=held_bytes(m, t.optimizer),
+               measured_offloaded=off, estimate_offloaded=plan.host.get("offloaded layer inputs", 0),
                estimate_static=sum(plan.components.get(k, 0) for k in STATIC_COMPONENTS))
     if cuda: out.update(estimate_peak=plan.allocated, measured_peak=torch.cuda.max_memory_allocated(),
                         measured_reserved=torch.cuda.max_memory_reserved())

@@ -11,9 +11,10 @@ from .core import close_matches, fmt_bytes
 from .models import is_gguf
 
 # %% auto #0
-__all__ = ['PRESETS', 'GPUS', 'OPTIMIZER_STATE', 'OPTIMIZERS', 'METHODS', 'CUDA_CONTEXT', 'STATIC_COMPONENTS', 'resolve_gpu',
-           'model_config', 'Arch', 'architecture', 'quantized_bytes', 'optimizer_bytes', 'activation_bytes',
-           'MemoryPlan', 'plan_memory', 'layers_to_recompute', 'held_bytes', 'weights_estimate',
+__all__ = ['PRESETS', 'GPUS', 'OPTIMIZER_STATE', 'OPTIMIZERS', 'METHODS', 'CUDA_CONTEXT', 'FP32_MODULES', 'COLAB_RAM',
+           'HOST_RUNTIME', 'STATIC_COMPONENTS', 'resolve_gpu', 'model_config', 'Arch', 'architecture',
+           'quantized_bytes', 'optimizer_bytes', 'activation_bytes', 'offloaded_bytes', 'MemoryPlan', 'plan_memory',
+           'layers_to_recompute', 'checkpointing_for', 'longest', 'longest_table', 'held_bytes', 'weights_estimate',
            'saved_activation_bytes', 'WontFitError', 'check_fits', 'answer_labels']
 
 # %% ../nbs/04_memory.ipynb #936b5887
@@ -140,6 +141,7 @@ class Arch:
     linears: list  # (name, in_features, out_features) of every linear LoRA's "all-linear" targets (not the head)
     other_params: int  # parameters that stay in the load dtype (embeddings, norms, head, biases)
     buffer_bytes: int  # buffers as held after a load (rotary inv_freq etc., float32)
+    norm_params: int = 0  # parameters of the normalisation modules (what `prepare_kbit(upcast_norms=True)` casts)
 
 @functools.lru_cache(maxsize=64)
 def _arch_cached(cfg_json:str, cls_name:str):
@@ -164,6 +166,9 @@ def _arch_cached(cfg_json:str, cls_name:str):
     params = {id(p): (n, p) for n, p in m.named_parameters()}.values()
     other = sum(p.numel() for n, p in params if n not in qnames)
     bufs = sum(b.numel() * 4 for b in m.buffers())
+    norms = sum(p.numel() for mod in m.modules()
+                if isinstance(mod, nn.LayerNorm) or "norm" in type(mod).__name__.lower()
+                for p in mod.parameters(recurse=False))
     h = cfg.hidden_size; nh = cfg.num_attention_heads
     hd = getattr(cfg, "head_dim", None) or h // nh
     nkv = getattr(cfg, "num_key_value_heads", None) or (1 if getattr(cfg, "multi_query", False) else getattr(cfg,
@@ -172,7 +177,7 @@ def _arch_cached(cfg_json:str, cls_name:str):
     tied = m.get_output_embeddings() is not None and m.get_output_embeddings().weight is m.get_input_embeddings().weight
     return Arch(cfg.model_type, sum(p.numel() for _, p in params), cfg.vocab_size, h, cfg.num_hidden_layers, nh,
                 nkv * hd, nh * hd,
-                inter, tied, [l[:3] for l in quant], [l[:3] for l in lin], other, bufs)
+                inter, tied, [l[:3] for l in quant], [l[:3] for l in lin], other, bufs, norms)
 
 def architecture(model, # preset name, path, hub id or `PretrainedConfig`
                 ) -> Arch:
@@ -227,9 +232,10 @@ def _targets(arch:Arch, targets, method):
 
 # %% ../nbs/04_memory.ipynb #dbd4cbd2
 def _recomputed(arch:Arch, # from `architecture`
-                      gradient_checkpointing:bool|int, # True (every layer), False (none) or a number of layers
+                      gradient_checkpointing:bool|int|str, # True (every layer), False, n layers, or "offload"
                      ) -> int:
     "How many of `arch`'s decoder layers recompute their activations in the backward pass."
+    if gradient_checkpointing == "offload": return arch.layers
     if isinstance(gradient_checkpointing, bool): return arch.layers if gradient_checkpointing else 0
     return min(int(gradient_checkpointing), arch.layers)
 
@@ -238,13 +244,14 @@ def activation_bytes(arch:Arch, # from `architecture`
                      max_seq_len:int, # sequence length (eager attention's s x s term)
                      rank:int=16, # LoRA rank (0 for full fine-tuning)
                      targets:list|None=None, # targeted linears (name, in, out); None: every decoder linear
-                     # True: every layer recomputes its activations in the backward pass; False: none; n: the first n
-                     gradient_checkpointing:bool|int=True,
+                     # True: every layer recomputes its activations in the backward pass; False: none; n: the first n;
+                     # "offload": every layer, its input held in host memory (see `offloaded_bytes`)
+                     gradient_checkpointing:bool|int|str=True,
                      attn:str="sdpa", # "sdpa" / "flash_attention_2" or "eager"
                      elem:int=2, # bytes per element of the compute dtype
                      stream:int=2, # bytes per element of the residual stream
                     ) -> int:
-    "Activation bytes held at the start of the backward pass (logits excluded)."
+    "Activation bytes held on the compute device at the start of the backward pass (logits excluded)."
     lins = arch.linears if targets is None else targets
     per_layer = [l for l in lins if ".layers.0." in l[0] or ".h.0." in l[0]] or lins[: max(1,
             len(lins) // max(arch.layers, 1))]
@@ -255,7 +262,17 @@ def activation_bytes(arch:Arch, # from `architecture`
     final = 2 * 4 * h * tokens
     n = _recomputed(arch, gradient_checkpointing)
     kept = (arch.layers - n) * tokens * tok  # layers that keep every activation
-    return n * tokens * h * stream + kept + (tokens * tok if n else 0) + final  # + one layer's recompute
+    # each recomputed layer keeps its input; offloaded, the card holds two in flight (one copied, one in use)
+    inputs = (2 if gradient_checkpointing == "offload" else n) * tokens * h * stream
+    return inputs + kept + (tokens * tok if n else 0) + final  # + one layer's recompute
+
+def offloaded_bytes(arch:Arch, # from `architecture`
+                    tokens:int, # batch size x sequence length
+                    gradient_checkpointing:bool|int|str, # only "offload" moves anything to the host
+                    stream:int=2, # bytes per element of the residual stream
+                   ) -> int:
+    "Host bytes of the layer inputs that `gradient_checkpointing='offload'` copies out of the card."
+    return arch.layers * tokens * arch.hidden * stream if gradient_checkpointing == "offload" else 0
 
 # %% ../nbs/04_memory.ipynb #43f84bca
 CUDA_CONTEXT = 426 * 1024**2
@@ -269,11 +286,18 @@ class MemoryPlan:
     settings: dict = field(default_factory=dict)  # the settings planned for
     recommendations: list = field(default_factory=list)  # advice, most useful first
     notes: list = field(default_factory=list)  # caveats about this estimate
+    host: dict = field(default_factory=dict)  # name -> bytes of host RAM the run needs beyond the device (offload)
+    host_budget: int|None = None  # bytes of host RAM the plan is checked against
+    source: object = field(default=None, repr=False, compare=False)  # the `model` planned (for `longest`)
 
     @property
     def total(self) -> int: return sum(self.components.values())
     @property
-    def fits(self) -> bool: return self.total <= self.budget
+    def host_total(self) -> int: return sum(self.host.values())
+    @property
+    def host_fits(self) -> bool: return not self.host or self.host_budget is None or self.host_total <= self.host_budget
+    @property
+    def fits(self) -> bool: return self.total <= self.budget and self.host_fits
     @property
     def headroom(self) -> int: return self.budget - self.total
     @property
@@ -284,10 +308,13 @@ class MemoryPlan:
         return sum(v for k, v in self.components.items() if k not in skip)
     @property
     def verdict(self) -> str:
+        ram = (f"; host RAM {fmt_bytes(self.host_total)} of {fmt_bytes(self.host_budget or 0)}" if self.host else "")
+        if not self.host_fits: return (f"does not fit in host RAM: offloading needs {fmt_bytes(self.host_total)}, "
+                                       f"has {fmt_bytes(self.host_budget)}")
         return (f"fits on {self.gpu}: {fmt_bytes(self.total)} of {fmt_bytes(self.budget)} ({fmt_bytes(self.headroom)} "
-                "free)" if self.fits else
+                f"free){ram}" if self.fits else
                 f"does not fit on {self.gpu}: needs {fmt_bytes(self.total)}, has {fmt_bytes(self.budget)} "
-                f"({fmt_bytes(-self.headroom)} short)")
+                f"({fmt_bytes(-self.headroom)} short){ram}")
     @property
     def advice(self) -> str: return self.verdict + ". " + " ".join(self.recommendations)
 
@@ -296,33 +323,47 @@ class MemoryPlan:
                     fits=self.fits,
                     headroom=self.headroom, allocated=self.allocated, settings=self.settings,
                             recommendations=self.recommendations,
-                    notes=self.notes, verdict=self.verdict)
+                    notes=self.notes, verdict=self.verdict, host=dict(self.host), host_total=self.host_total,
+                    host_budget=self.host_budget)
 
-    def _repr_markdown_(self):
-        rows = [f"| {k} | {fmt_bytes(v)} | {100 * v / max(self.total, 1):.1f}% |" for k,
-                v in self.components.items() if v]
-        s = self.settings
-        head = (f"**{s.get('model', '')}** · {s.get('method')} · batch {s.get('batch_size')} × seq "
-                f"{s.get('max_seq_len')} "
-                f"· r={s.get('rank')}\n\n")
-        table = ("| component | memory | share |\n|---|---:|---:|\n" + "\n".join(rows)
-                 + f"\n| **total** | **{fmt_bytes(self.total)}** | |")
-        recs = "".join(f"\n- {r}" for r in self.recommendations)
-        return head + table + f"\n\n**{'✅' if self.fits else '❌'} {self.verdict}**" + recs
+# %% ../nbs/04_memory.ipynb #165e40e0
+def _plan_markdown(self:MemoryPlan) -> str:
+    "The plan as a markdown table, with its verdict, advice and notes."
+    rows = [f"| {k} | {fmt_bytes(v)} | {100 * v / max(self.total, 1):.1f}% |" for k,
+            v in self.components.items() if v]
+    s = self.settings
+    head = (f"**{s.get('model', '')}** · {s.get('method')} · batch {s.get('batch_size')} × seq "
+            f"{s.get('max_seq_len')} "
+            f"· r={s.get('rank')}\n\n")
+    table = ("| component | memory | share |\n|---|---:|---:|\n" + "\n".join(rows)
+             + f"\n| **total** | **{fmt_bytes(self.total)}** | |")
+    table += "".join(f"\n| host RAM: {k} | {fmt_bytes(v)} | |" for k, v in self.host.items())
+    recs = "".join(f"\n- {r}" for r in self.recommendations)
+    notes = "".join(f"\n- *{n}*" for n in self.notes)
+    return head + table + f"\n\n**{'✅' if self.fits else '❌'} {self.verdict}**" + recs + notes
 
-    def __str__(self):
-        w = max(len(k) for k in self.components)
-        lines = [f"{k:<{w}}  {fmt_bytes(v):>12}" for k, v in self.components.items() if v]
-        return "\n".join(lines + [f"{'total':<{w}}  {fmt_bytes(self.total):>12}",
-                                  self.verdict] + [f"- {r}" for r in self.recommendations])
+def _plan_text(self:MemoryPlan) -> str:
+    "The plan as aligned text lines (what `lowbudget-ft plan` prints)."
+    w = max(len(k) for k in [*self.components, *(f"host RAM: {k}" for k in self.host)])
+    lines = [f"{k:<{w}}  {fmt_bytes(v):>12}" for k, v in self.components.items() if v]
+    lines += [f"{'total':<{w}}  {fmt_bytes(self.total):>12}"]  # on the card; host RAM (offload) apart, below
+    lines += [f"{'host RAM: ' + k:<{w}}  {fmt_bytes(v):>12}" for k, v in self.host.items()]
+    return "\n".join(lines + [self.verdict] + [f"- {r}" for r in self.recommendations])
+MemoryPlan._repr_markdown_, MemoryPlan.__str__ = _plan_markdown, _plan_text
 
 # %% ../nbs/04_memory.ipynb #9544922a
+# what k-bit preparation holds in fp32 besides the adapters: "none" (`lora.prepare_kbit`, the default), "norms"
+# (`prepare_kbit(upcast_norms=True)`), "all" (peft's `prepare_model_for_kbit_training`: every 16-bit parameter)
+FP32_MODULES = ("none", "norms", "all")
+
 def _check_settings(method, bits, rank, batch_size, max_seq_len, optimizer, attn, answer_tokens=None, loss_chunk=1024,
-                    gradient_checkpointing=True):
+                    gradient_checkpointing=True, fp32_modules="none"):
     gc = gradient_checkpointing
-    if not isinstance(gc, bool) and not (isinstance(gc, int) and gc >= 0):
-        raise ValueError(f"gradient_checkpointing={gc!r}: use True (every layer), False, or a number of layers (0 or "
-                         "more)")
+    if not isinstance(gc, bool) and not (isinstance(gc, int) and gc >= 0) and gc not in ("offload", "auto"):
+        raise ValueError(f"gradient_checkpointing={gc!r}: use True (every layer), False, a number of layers (0 or "
+                         "more), 'offload' or 'auto'")
+    if fp32_modules not in FP32_MODULES: raise ValueError(f"fp32_modules={fp32_modules!r}: choose one of: "
+                                                          f"{', '.join(FP32_MODULES)}")
     if method not in METHODS: raise ValueError(f"method={method!r} is not supported; choose one of: "
                                                f"{', '.join(METHODS)}")
     if method == "qlora" and bits not in (4, 8): raise ValueError(f"bits={bits!r} with method='qlora': choose 4 or 8 "
@@ -340,9 +381,10 @@ def _check_settings(method, bits, rank, batch_size, max_seq_len, optimizer, attn
     if attn not in ("sdpa", "eager", "flash_attention_2"): raise ValueError(f"attn={attn!r} is not supported; choose "
                                                                             "one of: sdpa, eager, flash_attention_2")
 
+# %% ../nbs/04_memory.ipynb #9c26e5f5
 def _components(arch, method, bits, double_quant, rank, targets, batch_size, max_seq_len, gradient_checkpointing,
                 optimizer,
-                attn, elem, cuda, answer_tokens=None, loss_chunk=1024):
+                attn, elem, cuda, answer_tokens=None, loss_chunk=1024, fp32_modules="none"):
     c = {}
     T = batch_size * max_seq_len
     if method == "qlora":
@@ -350,7 +392,8 @@ def _components(arch, method, bits, double_quant, rank, targets, batch_size, max
         c[f"weights ({bits}-bit)"] = sum(w for w, _ in qb)
         c["quant constants"] = sum(k for _, k in qb)
         c["16-bit modules"] = arch.other_params * elem + arch.buffer_bytes
-        c["fp32 upcast (peft)"] = arch.other_params * max(0, 4 - elem)
+        if fp32_modules == "all": c["fp32 upcast (peft)"] = arch.other_params * max(0, 4 - elem)
+        if fp32_modules == "norms": c["fp32 norms"] = arch.norm_params * max(0, 4 - elem)
     else:
         c["weights (16-bit)"] = arch.params * elem + arch.buffer_bytes
     if method == "full":
@@ -363,12 +406,14 @@ def _components(arch, method, bits, double_quant, rank, targets, batch_size, max
         c["LoRA weights"] = 4 * sum(lora)
         c["LoRA grads"] = 4 * sum(lora)
         c["optimizer state"] = optimizer_bytes(lora, optimizer)
-    stream = 4 if method == "qlora" and not cuda else elem  # CPU trace: fp32 stream; CUDA (H200 check): compute dtype
+    # residual stream: fp32 on the CPU under peft's upcast (traced), else the compute dtype (H200 check)
+    stream = 4 if method == "qlora" and not cuda and fp32_modules == "all" else elem
     c["activations"] = activation_bytes(arch, T, max_seq_len, r, tg, gradient_checkpointing, attn, elem, stream)
     # positions with logits
     n = T if answer_tokens is None else min(batch_size * min(answer_tokens, max_seq_len), loss_chunk or T)
+    # + under peft's upcast, autocast's 16-bit copy of the fp32 head
     c["logits + loss"] = 12 * n * arch.vocab + (arch.hidden * arch.vocab * elem if method == "qlora" and elem < 4
-                                                else 0)
+                                                and fp32_modules == "all" else 0)
     if method == "qlora": c["dequant buffer"] = max((i * o for _, i, o in arch.quantized), default=0) * elem
     c["CUDA context"] = CUDA_CONTEXT if cuda else 0
     dyn = c["activations"] + c["logits + loss"]
@@ -384,8 +429,9 @@ def plan_memory(model, # preset name, local path, hub id or `PretrainedConfig`
                 targets="all-linear", # LoRA target modules: "all-linear" or names like ["q_proj", "v_proj"]
                 batch_size:int=1, # sequences per step (per device)
                 max_seq_len:int=512, # tokens per sequence (the longest, or the packed length)
-                # recompute activations in the backward pass: True (every layer), False, or the first n layers
-                gradient_checkpointing:bool|int=True,
+                # recompute activations in the backward pass: True (every layer), False, the first n layers,
+                # "offload" (every layer, inputs in host RAM) or "auto" (the first that fits: `checkpointing_for`)
+                gradient_checkpointing:bool|int|str=True,
                 optimizer:str="paged_adamw_8bit", # one of `OPTIMIZERS`
                 # loss positions per sequence (the answer, see `length_report`); None: logits at every position
                 answer_tokens:int|None=None,
@@ -398,30 +444,63 @@ def plan_memory(model, # preset name, local path, hub id or `PretrainedConfig`
                 # compute dtype ("bf16", "fp16", "fp32" or bytes); None: 16-bit on a GPU, fp32 on CPU
                 dtype:int|str|None=None,
                 recommend:bool=True, # also search for settings that fit
+                fp32_modules:str="none", # held in fp32 by k-bit preparation: "none", "norms" or "all" (peft's)
+                # host RAM for offloaded tensors; None: Colab's free tier for a named card, else this machine's RAM
+                host_ram:int|None=None,
                ) -> MemoryPlan:
     "Every byte of a fine-tuning run of `model` with these settings, and a verdict against the GPU."
     _check_settings(method, bits, rank, batch_size, max_seq_len, optimizer, attn, answer_tokens, loss_chunk,
-                    gradient_checkpointing)
+                    gradient_checkpointing, fp32_modules)
     name, budget, cuda = resolve_gpu(gpu)
     elem = {"bf16": 2, "fp16": 2, "fp32": 4, None: 2 if cuda else 4}.get(dtype, dtype)
     if elem not in (2, 4): raise ValueError(f"dtype={dtype!r}: choose bf16, fp16 or fp32")
     arch = architecture(model)
     kw = dict(method=method, bits=bits, double_quant=double_quant, rank=rank, targets=targets, batch_size=batch_size,
-              max_seq_len=max_seq_len,
-              gradient_checkpointing=gradient_checkpointing, optimizer=optimizer, attn=attn,
-              answer_tokens=answer_tokens, loss_chunk=loss_chunk)
-    comps = _components(arch, **{k: v for k, v in kw.items()}, elem=elem, cuda=cuda)
+              max_seq_len=max_seq_len, gradient_checkpointing=gradient_checkpointing, optimizer=optimizer, attn=attn,
+              answer_tokens=answer_tokens, loss_chunk=loss_chunk, fp32_modules=fp32_modules, host_ram=host_ram)
+    why = []
+    if gradient_checkpointing == "auto":
+        kw["gradient_checkpointing"], reason = checkpointing_for(model, gpu=gpu, dtype=elem, packing=packing,
+                                                                **{k: v for k, v in kw.items()
+                                                                   if k != "gradient_checkpointing"})
+        why = [f"gradient_checkpointing='auto' chose {kw['gradient_checkpointing']!r}: {reason}"]
+    comps = _components(arch, **{k: v for k, v in kw.items() if k != "host_ram"}, elem=elem, cuda=cuda)
     label = getattr(model, "_name_or_path", None) or (str(model) if isinstance(model, (str, Path)) else arch.model_type)
+    plan = MemoryPlan(comps, budget, name, dict(kw, model=label, packing=packing, dtype_bytes=elem, params=arch.params),
+                      notes=why + _notes(arch, method, attn, max_seq_len, packing), source=model)
+    plan.host, plan.host_budget = _host(arch, kw, elem, cuda, gpu, host_ram)
+    if recommend: plan.recommendations = _recommend(model, plan, kw, gpu, elem)
+    return plan
+
+# %% ../nbs/04_memory.ipynb #0d880b7c
+# host RAM: Colab's free tier (psutil's total there, 12.7 GB shown), and what the Python process itself takes
+# before any offloaded tensor (interpreter, torch, CUDA libraries, tokenizer, data): an assumption, not measured here
+COLAB_RAM = int(12.67 * 1024**3)
+HOST_RUNTIME = 3 * 1024**3
+
+def _notes(arch, method, attn, max_seq_len, packing) -> list:
+    "Caveats of a plan: families the formulas approximate, and the attention kernel assumed at long sequences."
     notes = [] if arch.quantized or method != "qlora" else [f"{arch.model_type}: transformers' bitsandbytes "
                                                             "integration quantises no layer of this family (its "
                                                             "linears are not plain nn.Linear); the base stays 16-bit"]
-    notes += [] if arch.model_type in ("llama", "mistral", "qwen2") else [f"{arch.model_type}: activations use the "
-                                                                          "Llama-layer terms with this model's widths "
-                                                                          "(approximate)"]
-    plan = MemoryPlan(comps, budget, name, dict(kw, model=label, packing=packing, dtype_bytes=elem, params=arch.params),
-                      notes=notes)
-    if recommend: plan.recommendations = _recommend(model, plan, kw, gpu, elem)
-    return plan
+    if arch.model_type not in ("llama", "mistral", "qwen2"): notes.append(f"{arch.model_type}: activations use the "
+                                                                          "Llama-layer terms with this model's "
+                                                                          "widths (approximate)")
+    if attn == "sdpa" and max_seq_len >= 4096: notes.append(
+        "attention: PyTorch SDPA's memory-efficient kernel (a T4, sm75, has no FlashAttention-2): no seq x seq "
+        "scores are held" + ("; packed examples attend within each example (lowbudget_ft.attention), no "
+                             "full-length mask planned" if packing else ""))
+    return notes
+
+def _host(arch, kw, elem, cuda, gpu, host_ram) -> tuple[dict, int|None]:
+    "`(host RAM components, host budget)`: the offloaded layer inputs and the process itself, against the RAM."
+    stream = 4 if kw["method"] == "qlora" and not cuda and kw["fp32_modules"] == "all" else elem  # as `_components`
+    off = offloaded_bytes(arch, kw["batch_size"] * kw["max_seq_len"], kw["gradient_checkpointing"], stream)
+    if not off: return {}, None
+    if host_ram is None:
+        from lowbudget_ft.core import total_ram
+        host_ram = COLAB_RAM if gpu is not None else total_ram()
+    return {"offloaded layer inputs": off, "Python, torch, CUDA (assumed)": HOST_RUNTIME}, host_ram
 
 # %% ../nbs/04_memory.ipynb #94a619d8
 def _largest(fits, values):
@@ -446,12 +525,15 @@ def _recommend(model, plan, kw, gpu, elem):
                        "faster steps than recomputing every layer.")
         return out
     steps, ch, done = [], {}, []
-    if kw["gradient_checkpointing"] is not True: steps.append(({"gradient_checkpointing": True},
-                                                               "turn on gradient checkpointing"))
+    if kw["gradient_checkpointing"] not in (True, "offload"): steps.append(({"gradient_checkpointing": True},
+                                                                          "turn on gradient checkpointing"))
     if "8bit" not in kw["optimizer"]: steps.append(({"optimizer": "paged_adamw_8bit"},
                                                     "use optimizer='paged_adamw_8bit'"))
     if B > 1: steps.append(({"batch_size": 1},
                             f"use batch_size=1 with gradient accumulation {B} (same effective batch)"))
+    if kw["gradient_checkpointing"] != "offload" and kw["method"] != "full": steps.append((
+        {"gradient_checkpointing": "offload"}, "offload the checkpointed layers' inputs to host RAM "
+        "(gradient_checkpointing='offload')"))
     s = S
     while s > 256: s //= 2; steps.append(({"max_seq_len": s}, f"cut max_seq_len to {s}"))
     if kw["method"] != "full":
@@ -489,6 +571,73 @@ def layers_to_recompute(model, # preset name, local path, hub id or `PretrainedC
         mid = (lo + hi) // 2
         lo, hi = (lo, mid) if fits(mid) else (mid + 1, hi)
     return lo
+
+# %% ../nbs/04_memory.ipynb #4afa0a93
+def checkpointing_for(model, # preset name, local path, hub id or `PretrainedConfig`
+                      gpu:str|None=None, # card name from `GPUS`, or None for the detected device
+                      share:float=0.9, # most of the device's usable memory the plan may take (the rest is margin)
+                      **settings, # other `plan_memory` settings: batch_size, max_seq_len, answer_tokens, ...
+                     ) -> tuple:
+    ("`(mode, why)`: the first of no checkpointing, some layers, all layers, offload whose plan fits `share` of the "
+     "device (and the host RAM); `'offload'` with the reason when none does.")
+    settings.pop("gradient_checkpointing", None)
+    n, L = layers_to_recompute(model, gpu=gpu, share=share, **settings), architecture(model).layers
+    if n == 0: return False, f"fits without recomputing any layer (within {share:.0%} of the device)"
+    if n is not None and n < L: return n, f"recomputing {n} of {L} layers is the least that fits"
+    if n == L: return True, "only recomputing every layer fits"
+    p = plan_memory(model, gpu=gpu, gradient_checkpointing="offload", recommend=False, **settings)
+    if p.total <= share * p.budget and p.host_fits:
+        return "offload", "recomputing every layer does not fit; with their inputs in host RAM it does"
+    return "offload", f"nothing fits within {share:.0%} of the device; offloading needs the least device memory"
+
+# %% ../nbs/04_memory.ipynb #beed6a65
+_MODES = {"none": False, "all layers": True, "offload": "offload"}
+
+def longest(model, # preset name, local path, hub id or `PretrainedConfig`
+            gpu:str|None=None, # card name from `GPUS`, or None for the detected device
+            step:int=256, # granularity of the answer, in tokens
+            modes:dict|None=None, # label -> gradient_checkpointing; None: none, all layers, offload
+            budget:int|None=None, # usable bytes of a card not in `GPUS` (e.g. an 8 GB one); None: the card's own
+            **settings, # other `plan_memory` settings: batch_size, rank, answer_tokens, ...
+           ) -> dict:
+    "The longest `max_seq_len` (a multiple of `step`) whose plan fits, for each checkpointing mode: label -> plan."
+    out = {}
+    for label, mode in (modes or _MODES).items():
+        def plan(s): return plan_memory(model, gpu=gpu, **{**settings, "max_seq_len": s,
+                                                           "gradient_checkpointing": mode}, recommend=False)
+        def fits(s): p = plan(s); return p.fits if budget is None else p.total <= budget and p.host_fits
+        lo, hi = 0, step
+        while hi <= 2**21 and fits(hi): lo, hi = hi, 2 * hi  # lo fits (or is 0), hi does not
+        while hi - lo > step:
+            mid = (lo + hi) // 2 // step * step
+            lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+        out[label] = plan(lo) if lo else None
+    return out
+
+def _longest(self:MemoryPlan) -> dict:
+    "The longest sequence that fits for each checkpointing mode, with this plan's other settings: label -> plan."
+    keep = {k: v for k, v in self.settings.items() if k not in ("model", "packing", "dtype_bytes", "params",
+                                                                 "max_seq_len", "gradient_checkpointing")}
+    return longest(self.source, gpu=self.gpu if self.gpu in GPUS else None, dtype=self.settings.get("dtype_bytes"),
+                   packing=self.settings.get("packing", False), **keep)
+MemoryPlan.longest = _longest
+
+def longest_table(plans:dict, # column label -> plan (or None when nothing fits), e.g. from `longest`
+                 ) -> str:
+    "A markdown table of plans side by side: the sequence length, every component, the totals and host RAM."
+    cols = {k: p for k, p in plans.items() if p}
+    names = list(dict.fromkeys(n for p in cols.values() for n, v in p.components.items() if v))
+    hosts = list(dict.fromkeys(n for p in cols.values() for n in p.host))
+    row = lambda label, f: f"| {label} | " + " | ".join(f(p) for p in cols.values()) + " |"
+    gib = lambda b: f"{b / 2**30:.2f}" if b else "–"
+    lines = ["| GiB | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols),
+             row("**longest max_seq_len**", lambda p: f"**{p.settings['max_seq_len']:,}**")]
+    lines += [row(n, lambda p, n=n: gib(p.components.get(n, 0))) for n in names]
+    lines += [row("**total on the card**", lambda p: f"**{gib(p.total)}** of {gib(p.budget)}")]
+    lines += [row(f"host RAM: {n}", lambda p, n=n: gib(p.host.get(n, 0))) for n in hosts]
+    if hosts: lines += [row("host RAM total", lambda p: f"{gib(p.host_total)} of {gib(p.host_budget)}"
+                            if p.host else "–")]
+    return "\n".join(lines)
 
 # %% ../nbs/04_memory.ipynb #1df10992
 def held_bytes(model, # a loaded model (quantised or not), or any module
@@ -570,7 +719,7 @@ MemoryPlan.plot = _plot
 
 # %% ../nbs/04_memory.ipynb #7d31bd0a
 # the parts of a plan that a loaded, prepared model and its optimizer hold (what `measure` compares on the CPU)
-STATIC_COMPONENTS = _WEIGHTS + ("fp32 upcast (peft)", "LoRA weights", "LoRA grads", "optimizer state")
+STATIC_COMPONENTS = _WEIGHTS + ("fp32 upcast (peft)", "fp32 norms", "LoRA weights", "LoRA grads", "optimizer state")
 
 def answer_labels(input_ids, # (batch, seq) token ids
                   answer_tokens:int, # loss positions per row: the last ones, as completion-only labels put them

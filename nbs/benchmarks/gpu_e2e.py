@@ -2,6 +2,8 @@
 
     python nbs/benchmarks/gpu_e2e.py --out $OUT/gpu_e2e.json [--smollm2-dir DIR] [--budget-s 450]
     python nbs/benchmarks/gpu_e2e.py --dry-run --out nbs/benchmarks/results/gpu_e2e_cpu_dry_run.json
+    python nbs/benchmarks/gpu_e2e.py --long --out $OUT/gpu_e2e_long.json      # long-context rows only
+    python nbs/benchmarks/gpu_e2e.py --long --dry-run --out nbs/benchmarks/results/gpu_e2e_long_cpu_dry_run.json
 
 T4 conditions on a bigger card: memory capped with `torch.cuda.set_per_process_memory_fraction` to
 `memory.GPUS["T4"]`, fp16 compute forced through the library's one dtype rule (`LOWBUDGET_FT_DTYPE=fp16`, which
@@ -13,6 +15,10 @@ T4 conditions on a bigger card: memory capped with `torch.cuda.set_per_process_m
    finetune 20 steps → a planned-vs-measured grid (batch × seq × rank, checkpointing on; the model's own loss with
    logits at every position, and one setting with the answer-only loss `finetune` uses, planned with its
    `answer_tokens`) → merge_and_save.
+3. `--long`: long context instead of 1 and 2. Llama-3.1-8B (memory.PRESETS, random weights), NF4, LoRA r=32,
+   batch 1, the loss on the last 256 tokens: one step at 4k, 8k and 16k tokens with each gradient-checkpointing mode
+   (none at 4k only; every layer; "offload"), planned vs measured peak, and the host RAM the offload used (bytes
+   sent, pinned host memory, process RSS) against the plan's host RAM.
 Every phase records planned and measured peak memory, time, tokens/s and out-of-memory events; phases past the
 time budget are skipped (and say so). `--dry-run` runs the same code on the CPU at tiny sizes, labelled as such.
 Needs torch, transformers, peft, accelerate, bitsandbytes, pandas, openpyxl, pyyaml and lowbudget_ft — no `datasets`
@@ -29,7 +35,10 @@ PRESET_7B = "Qwen/Qwen2.5-7B"
 # at every position (the model's own loss), N: `loss.answer_loss` on the last N positions of each row
 GRID = [(1, 256, None), (2, 512, None), (4, 1024, None), (4, 1024, 16)]
 RANKS = [8, 64]
-DRY = dict(steps_small=3, steps_7b=2, n_eval=6, grid=[(1, 32, None), (2, 64, None), (2, 64, 4)], ranks=[4, 8],
+PRESET_8B = "meta-llama/Llama-3.1-8B"
+# long context: (sequence length, checkpointing modes), each one optimizer step at batch 1, LoRA r=32, 256 answer tokens
+LONG = [(4096, (False, True, "offload")), (8192, (True, "offload")), (16384, (True, "offload"))]
+DRY = dict(long=[(64, (False, True, "offload")), (128, (True, "offload"))], steps_small=3, steps_7b=2, n_eval=6, grid=[(1, 32, None), (2, 64, None), (2, 64, 4)], ranks=[4, 8],
            arch=dict(num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2))
 
 
@@ -127,19 +136,19 @@ def small_model_flow(rec, path, tag, a, deadline, work):
     if "adapter" in st: phase(rec, f"{tag}: merge_and_save + merged answers", merge, deadline)
 
 
-def build_7b(a, work):
+def build_7b(a, work, preset=PRESET_7B, name="arch7b"):
     "A 7B-class model with random weights from a planner preset, written to local disk with a tokenizer (no hub)."
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from lowbudget_ft.memory import model_config
-    cfg = model_config(PRESET_7B)
+    cfg = model_config(preset)
     if a.dry_run:  # the same architecture, shrunk
         from transformers import AutoConfig
         d = {k: v for k, v in cfg.to_dict().items() if k != "layer_types"}
         cfg = AutoConfig.for_model(d.pop("model_type"), **{**d, **DRY["arch"]})
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     with torch.device(dev): m = AutoModelForCausalLM.from_config(cfg, dtype=torch.float16 if dev == "cuda" else torch.float32)
-    d = work/"arch7b"
+    d = work/name
     m.save_pretrained(d); n = m.num_parameters(); del m
     AutoTokenizer.from_pretrained(a.tokenizer_dir).save_pretrained(d)  # ids < the 7B vocab; the text is only a carrier
     if torch.cuda.is_available(): torch.cuda.empty_cache()
@@ -215,6 +224,50 @@ def big_model_flow(rec, a, deadline, work):
     if "adapter" in st: phase(rec, "7b: merge_and_save", merge, deadline)
 
 
+def host_ram():
+    "Host RAM now: the process's resident and peak resident bytes, and pinned host memory held by torch (CUDA)."
+    import resource, torch
+    rss = int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    out = dict(rss=rss, rss_peak=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    if torch.cuda.is_available() and hasattr(torch.cuda, "host_memory_stats"):
+        out["pinned"] = torch.cuda.host_memory_stats().get("allocated_bytes.all.current")
+    return out
+
+
+def long_context_flow(rec, a, deadline, work):
+    "Llama-3.1-8B shapes, random weights, T4 cap: one step per (length, checkpointing mode), planned vs measured."
+    import torch
+    from lowbudget_ft.loading import load_model
+    from lowbudget_ft.lora import add_lora
+    from lowbudget_ft.memory import plan_memory
+    cap, st = torch.cuda.is_available(), {}
+    def build(p):
+        if cap: torch.cuda.set_per_process_memory_fraction(1.0)
+        d, n = build_7b(a, work, PRESET_8B, "arch8b"); st["dir"] = d; p.update(preset=PRESET_8B, params=n)
+        if cap: set_t4_cap(rec)
+    phase(rec, "8b: build random weights from preset", build, deadline)
+    if "dir" not in st: return
+    arch = str(st["dir"])
+    m = phase(rec, "8b: load_model 4-bit", lambda p: load_model(arch, bits=4, check_fit=False), deadline)
+    if m is None: return
+    st["base"] = m[0]
+    for s, modes in (DRY["long"] if a.dry_run else LONG):
+        for mode in modes:  # a fresh load has checkpointing off: False comes first
+            def g(p, s=s, mode=mode):
+                model = add_lora(st["base"], rank=32, gradient_checkpointing=mode).train()  # layers checkpoint in training only
+                n = min(256, s // 2)
+                pl = plan_memory(arch, gpu="T4" if cap else None, dtype="fp16" if cap else None, rank=32, batch_size=1,
+                                 max_seq_len=s, answer_tokens=n, gradient_checkpointing=mode, recommend=False)
+                p.update(plan(arch, rank=32, batch_size=1, max_seq_len=s, answer_tokens=n, gradient_checkpointing=mode),
+                         seq=s, mode=str(mode), answer_tokens=n, planned_host=pl.host, planned_host_total=pl.host_total)
+                try:
+                    p.update(grid_step(model, 1, s, steps=1, answer_tokens=n))
+                    off = model.activation_offload
+                    p.update(offloaded_bytes=off.bytes_out if off else 0, host_ram=host_ram())
+                finally: st["base"] = model.unload()
+            phase(rec, f"8b long context: seq {s}, gradient_checkpointing={mode!r}", g, deadline)
+
+
 def free():
     import gc, torch
     gc.collect()
@@ -246,6 +299,7 @@ def main(argv=None):
     ap.add_argument("--budget-s", type=float, default=450, help="skip phases that would start after this many seconds")
     ap.add_argument("--dry-run", action="store_true", help="CPU, tiny sizes, the same code path; the JSON says dry_run")
     ap.add_argument("--skip-7b", action="store_true")
+    ap.add_argument("--long", action="store_true", help="only the long-context rows (Llama-3.1-8B shapes, 4k-16k)")
     a = ap.parse_args(argv)
     import torch, transformers, peft
     from lowbudget_ft.core import gpu_info, compute_dtype
@@ -261,6 +315,10 @@ def main(argv=None):
     t0 = time.time(); deadline = t0 + a.budget_s
     work = Path(tempfile.mkdtemp(prefix="gpu_e2e-"))
     try:
+        if a.long:
+            a.tokenizer_dir = str(__import__("lowbudget_ft.tiny", fromlist=["x"]).tiny_model_path()) if a.dry_run \
+                else resolve_smollm2(a)[0]
+            return long_context_flow(rec, a, deadline, work)
         if a.dry_run:
             from lowbudget_ft.tiny import tiny_model_path
             small, how = str(tiny_model_path()), "tiny model (dry run)"
