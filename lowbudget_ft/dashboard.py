@@ -253,6 +253,8 @@ class QuietView:
 
 class ConsoleView(QuietView):
     "A compact log line per logging step, printed to `sys.stdout` (looked up at print time)."
+    def begin(self, dash):
+        if dash.run_dir: print(f"run folder: {dash.run_dir}", flush=True)
     def text(self, dash, final:bool=False): print(("done " if final else "") + dash.status_line(), flush=True)
     def note(self, dash, msg:str): print(f"[note] step {dash.step}: {msg}", flush=True)
 
@@ -287,6 +289,7 @@ class WidgetView(QuietView):
         self.gauge_labels = {k: W.HTML() for k in self.gauges}
         self.total_label = W.HTML()
         rows = [W.HBox([self.gauges[k], self.gauge_labels[k]]) for k in self.gauges]
+        self.notes.value = dash.notes_html()  # what was said before step 1 (resume, data notes)
         self.box = W.VBox([self.header, self.bar, self.image, *rows, self.total_label, self.notes])
         if self.show:
             from IPython.display import display
@@ -419,7 +422,8 @@ class _Display:
     def header_html(self) -> str:
         "The header as HTML: the facts of `status_line`, step and loss in bold; a line breaks only between facts."
         p = [f"<span style='white-space:nowrap'>{html.escape(s)}</span>" for s in self._status_parts()]
-        return f"<b>{p[0]}</b> &nbsp; <b>{p[1]}</b> &nbsp; " + " &nbsp;| ".join(p[2:])
+        folder = f"<br><small>run folder <code>{html.escape(str(self.run_dir))}</code></small>" if self.run_dir else ""
+        return f"<b>{p[0]}</b> &nbsp; <b>{p[1]}</b> &nbsp; " + " &nbsp;| ".join(p[2:]) + folder
 
     def notes_html(self, last:int=5) -> str:
         "The last few notes as an HTML list."
@@ -442,6 +446,7 @@ class _Display:
                  ("peak memory", fmt_bytes(peak) if peak is not None else "–")]
         if self.gpu_limit: facts.append(("card limit", fmt_bytes(self.gpu_limit)))
         if self.predicted_peak: facts.append(("planned peak", fmt_bytes(self.predicted_peak)))
+        if self.run_dir: facts.append(("run folder", f"<code>{html.escape(str(self.run_dir))}</code>"))
         rows = "".join(f"<tr><td style='text-align:left'>{k}</td><td style='text-align:right'>{v}</td></tr>"
                        for k, v in facts)
         notes = "".join(f"<li>step {s}: {html.escape(m)}</li>" for s, m in self._notes)
@@ -615,7 +620,7 @@ class Dashboard(_Persist, _Events, _Display, _History):
                  gpu_limit:int|None=None,
                  predicted_peak:int|None=None, # the memory planner's predicted peak in bytes, drawn as a line
                  text_every:float=0.5, # redraw the header and gauge at most every this many seconds
-                 plot_every:float=3.0, # redraw the plot (memory) at most every this many s; a new loss redraws it within budget
+                 plot_every:float=3.0, # between new losses, redraw the plot (memory) at most every this many seconds
                  # console: a progress line after this many quiet seconds, whatever `logging_steps` is
                  beat_every:float=15.0,
                  history:list|None=None, # rows of an earlier run to continue (resume)
@@ -623,11 +628,12 @@ class Dashboard(_Persist, _Events, _Display, _History):
                  memory=None, # a callable returning `core.memory_stats()`-style dicts; `None`: `memory_stats`
                  show:bool=True, # widget mode: display the widget (False builds and updates it without displaying)
                  window:int=20, # steps over which tokens/s and the ETA are measured
+                 run_dir:str|None=None, # the run's folder, named in the header and the summary
                 ):
         self.mode = choose_mode(mode)
         self.gpu_limit, self.predicted_peak, self.clock, self.memory = (gpu_limit, predicted_peak, clock,
                 memory or memory_stats)
-        self.beat_every = beat_every
+        self.beat_every, self.run_dir = beat_every, run_dir
         self.history = [dict(r) for r in (history or [])]  # one row per step: see `_ROW_KEYS`
         self._notes = []  # (step, message)
         # plots: <=1% of the time

@@ -4,12 +4,13 @@
 
 # %% ../nbs/14_train.ipynb #223f62d2
 from __future__ import annotations
-import contextlib, hashlib, json, math, signal, sys, threading, time
+import contextlib, hashlib, json, math, os, signal, sys, threading, time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from .core import (gpu_info, memory_stats, reset_peak, fmt_bytes, quiet_known_noise, available_ram,
                                total_ram, compute_dtype)
-from .config import RunConfig, SettingError, plan_settings, save_config, check_model_config, _replace
+from .config import (RunConfig, SettingError, plan_settings, save_config, check_model_config, _replace,
+                                 logging_every, new_run_dir)
 from .models import model_path
 from .memory import plan_memory, layers_to_recompute, WontFitError
 from .complaints import load_complaints
@@ -46,7 +47,8 @@ def training_args(cfg:RunConfig, # the run
              gradient_accumulation_steps=cfg.grad_accum, learning_rate=cfg.lr, num_train_epochs=cfg.epochs,
              max_steps=cfg.max_steps, warmup_steps=cfg.warmup_ratio,  # transformers 5: a value < 1 is a ratio
              lr_scheduler_type=cfg.scheduler, optim=cfg.optimizer,
-             logging_steps=cfg.logging_steps, save_strategy="steps", save_steps=cfg.save_every,
+             logging_steps=cfg.logging_steps or logging_every(cfg.max_steps), save_strategy="steps",
+             save_steps=cfg.save_every,
              save_total_limit=cfg.keep_checkpoints, eval_strategy="steps" if has_eval else "no",
              eval_steps=cfg.save_every if has_eval else None, seed=cfg.seed, report_to=[], disable_tqdm=True,
              **_mixed_precision(info),
@@ -320,7 +322,7 @@ def _trainer(model, tokenizer, args, cfg:RunConfig, datasets:tuple, callbacks, r
     from lowbudget_ft.trainer import LowBudgetTrainer
     old = read_mark(ckpt).get("lr") if ckpt else None
     dash = Dashboard(mode=cfg.dashboard if args.should_save else "quiet", predicted_peak=plan.total if plan else None,
-                     gpu_limit=memory_stats()["total"] if gpu_info().is_cuda else None)
+                     gpu_limit=memory_stats()["total"] if gpu_info().is_cuda else None, run_dir=args.output_dir)
     cbs = list(callbacks or []) + ([SaveEveryMinutes(cfg.save_minutes)] if cfg.save_minutes else [])
     return LowBudgetTrainer(model=model, args=args, train_dataset=datasets[0], eval_dataset=datasets[1],
                             data_collator=make_collator(tokenizer, packing=cfg.packing), callbacks=cbs,
@@ -353,6 +355,16 @@ def _finish(trainer, model, tokenizer, cfg:RunConfig, out:Path, rec:dict, res, s
                        seconds, cfg, micro, cfg.grad_accum * math.ceil(cfg.batch_size / micro),
                        trainer.dashboard.notes, trainer)
 
+def _run_dir(cfg:RunConfig, resume:bool) -> RunConfig:
+    "`cfg` with its folder: a new `runs/<date-time>-<model>` when none is given, so a cell can be run twice."
+    if cfg.output_dir is not None: return cfg
+    if resume: raise SettingError("output_dir", None, "can't be resumed: name the run's folder, e.g. "
+                                                      "output_dir='runs/20261202-140509-tiny' (a run given no folder "
+                                                      "gets a new one)")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise SettingError("output_dir", None, "must be set on a multi-GPU run: its processes share one folder")
+    return _replace(cfg, output_dir=new_run_dir(cfg.model))
+
 def _nothing_to_do(out:Path, rec:dict, cfg:RunConfig) -> TrainResult:
     "The result of resuming a run that already finished: nothing trains."
     msg = (f"nothing to do: the run in {out} already finished at step {rec['finished']['step']}; its adapter is "
@@ -382,6 +394,7 @@ def finetune(model, # a `PeftModel` (see `add_lora`)
     set_seed(cfg.seed)
     train_data, train_ds, eval_ds = _datasets(train_data, eval_data, tokenizer, cfg, overrides)
     cfg, ident = run_record(model, tokenizer, cfg, train_data, train_ds)  # what is actually trained, not the defaults
+    cfg = _run_dir(cfg, resume)
     _check_model_settings(_given(config, overrides), cfg)
     plan, recomputed = _plan_run(model, cfg, _answer_tokens(train_ds), check_fit)
     args, out = training_args(cfg, has_eval=eval_ds is not None, **(training_arguments or {})), Path(cfg.output_dir)
