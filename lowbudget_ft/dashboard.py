@@ -272,6 +272,7 @@ def _widget_data(w) -> dict:
     return {"text/plain": "Training dashboard (a live widget: it needs the running kernel)",
             _WIDGET_MIME: {"version_major": 2, "version_minor": 0, "model_id": w.model_id}}
 
+# %% ../nbs/10_dashboard.ipynb #b1f824bf
 class WidgetView(QuietView):
     "One cell output of core ipywidgets: header, progress bar, plot image, memory gauge and notes."
     def __init__(self, show:bool=True): self.show, self.handle, self.box = show, None, None
@@ -392,9 +393,8 @@ class _History:
         return [m for _, m in self._notes]
 
 # %% ../nbs/10_dashboard.ipynb #585f4f20
-class _Display:
-    "The header, console line, notes, summary and plot of a dashboard."
-    png_dpi = 150  # resolution of the final picture (the live one is 100 dpi): crisp, shown at `Plotter.width` pixels
+class _Header:
+    "The header, console line and notes of a dashboard."
 
     def _loss_steps(self) -> tuple:
         "(last logged train loss, first and last step it averages), or `(None, None, None)`."
@@ -429,6 +429,11 @@ class _Display:
         "The last few notes as an HTML list."
         items = "".join(f"<li>step {s}: {html.escape(m)}</li>" for s, m in self._notes[-last:])
         return f"<ul style='margin:0;color:#b35900'>{items}</ul>" if items else ""
+
+# %% ../nbs/10_dashboard.ipynb #7c583701
+class _Display(_Header):
+    "The summary and the plot of a dashboard (and its header, console line and notes)."
+    png_dpi = 150  # resolution of the final picture (the live one is 100 dpi): crisp, shown at `Plotter.width` pixels
 
     @property
     def summary_html(self) -> str:
@@ -476,8 +481,8 @@ class _Display:
 # %% ../nbs/10_dashboard.ipynb #b235b8d3
 def _main(state) -> bool: return getattr(state, "is_world_process_zero", True)
 
-class _Events:
-    "The `TrainerCallback` events the dashboard listens to."
+class _Redraw:
+    "Redrawing, reading memory, notes; any `TrainerCallback` event not handled is a no-op."
     def _draw(self, force:bool=False, plot:bool=False, every:float|None=None):
         "Redraw the plot (widget mode, when asked, at most every `every` s) and the text; each throttled unless forced."
         drew = plot and self.mode == "widget" and self._plot.ready(force, every)
@@ -492,6 +497,21 @@ class _Events:
         self.last_memory, self.memory_total = m, self.gpu_limit or m.get("total")
         return m
 
+    def note(self,
+             msg:str, # the message, e.g. "out of memory: micro-batch 8 → 4, grad accumulation 2 → 4"
+            ):
+        "Show `msg` on the dashboard now (not throttled) and record it in `.notes`."
+        self._notes.append((self.step, str(msg)))
+        self.view.note(self, str(msg))
+
+    def __getattr__(self, name):
+        "Any other `TrainerCallback` event is a no-op."
+        if name.startswith("on_"): return lambda *args, **kwargs: None
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+# %% ../nbs/10_dashboard.ipynb #b489dc8e
+class _Events(_Redraw):
+    "The `TrainerCallback` events the dashboard listens to."
     def on_train_begin(self, args, state, control, **kwargs):
         if not _main(state): return
         self._resume(state)
@@ -539,18 +559,6 @@ class _Events:
         self.renders["text"] += 1
         self.view.text(self, final=True)
         self.view.end(self)
-
-    def note(self,
-             msg:str, # the message, e.g. "out of memory: micro-batch 8 → 4, grad accumulation 2 → 4"
-            ):
-        "Show `msg` on the dashboard now (not throttled) and record it in `.notes`."
-        self._notes.append((self.step, str(msg)))
-        self.view.note(self, str(msg))
-
-    def __getattr__(self, name):
-        "Any other `TrainerCallback` event is a no-op."
-        if name.startswith("on_"): return lambda *args, **kwargs: None
-        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
 # %% ../nbs/10_dashboard.ipynb #18df72cc
 class _hybridmethod:
