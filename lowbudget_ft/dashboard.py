@@ -97,12 +97,12 @@ def _series(rows:list, key:str, scale:float=1.0) -> tuple:
     pts = [(r["step"], r[key] / scale) for r in rows if r.get(key) is not None]
     return tuple(zip(*pts)) if pts else ((), ())
 
-def _span(values, lo_room:float=0.0, hi_room:float=0.0) -> tuple|None:
-    "`(low, high)` around `values` with 5% margins, plus `lo_room`/`hi_room` of their range below/above (live room)."
+def _span(values) -> tuple|None:
+    "`(low, high)` around `values` with 5% margins; None when there are none."
     if not len(values): return None
     lo, hi = min(values), max(values)
     r = (hi - lo) or abs(hi) * 0.1 or 1.0
-    return lo - r * (0.05 + lo_room), hi + r * (0.05 + hi_room)
+    return lo - r * 0.05, hi + r * 0.05
 
 def _inside(values, span) -> bool: return span is not None and all(span[0] <= v <= span[1] for v in values)
 
@@ -136,7 +136,10 @@ class _Frame:
         loss = [y for k in ("loss", "eval_loss") for y in self.lines[k].get_ydata()]
         mem = [y for l in lines if l.axes is self.ax_mem for y in l.get_ydata()]
         old = self._key[0] if live and self._key else None
-        y = old[1] if old and _inside(loss, old[1]) else _span(loss, 0.3 * live, 0.05 * live)
+        if old and _inside(loss, old[1]): y = old[1]
+        # live: a falling loss stays inside a panel from 0, so its background is seldom redrawn; the final one is tight
+        elif live and loss and min(loss) >= 0: y = (0.0, max(loss) * 1.15 or 1.0)
+        else: y = _span(loss)
         top = old[2] if old and mem and max(mem) <= old[2] else max(mem, default=0) * (1.25 if live else 1.08) or 1e-3
         return (0, last + max(0.5, 0.03 * last)), y, top
 
@@ -468,9 +471,12 @@ class _Display(_Header):
         t = self.clock()
         if self._plotter is None: self._plotter = Plotter()
         self._shown = max((r["step"] for r in self.history if r.get("loss") is not None), default=0)
+        draws = self._plotter.full_draws
         png = self._plotter.render(self.history, self.gpu_limit, self.predicted_peak, dpi=dpi,
                                    max_steps=self.max_steps or None, live=dpi is None)
-        self._plot.spent(self.clock() - t)
+        # a redrawn background (the first frame, the first loss, a new line: a few a run) is not held against the
+        # budget, or one of them would hold the chart back for 10-30 s; the redraws of the lines are
+        if self._plotter.full_draws == draws: self._plot.spent(self.clock() - t)
         self.renders["plot"] += 1
         return png
 
