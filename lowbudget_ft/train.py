@@ -346,7 +346,9 @@ def _trainer(model, tokenizer, args, cfg:RunConfig, datasets:tuple, callbacks, r
 
 def _tell_start(trainer, out:Path, resume:bool, ckpt, skipped:list, recomputed:int|None, notes:list=()):
     "What the dashboard says before step 1: the data's notes, where the run resumes, what was skipped, what changed."
-    for n in notes: trainer.say(n)
+    for n in notes:
+        trainer.say(n)  # a quiet dashboard shows nothing: the note is a warning at the caller's line then (CLI, CI)
+        if trainer.dashboard.mode == "quiet" and trainer.args.should_save: warnings.warn(n, stacklevel=3)
     if resume: trainer.say(f"resuming from {ckpt}" if ckpt else f"no complete checkpoint in {out} yet: starting from "
                                                                 "step 0")
     for s in skipped: trainer.say(s)
