@@ -4,13 +4,14 @@
 
 # %% ../nbs/09_config.ipynb #f313f281
 from __future__ import annotations
-import dataclasses, json, math
+import dataclasses, json, math, re, time
 from dataclasses import dataclass, field, fields, asdict
 from pathlib import Path
 from .memory import OPTIMIZERS
 
 # %% auto #0
-__all__ = ['SCHEDULERS', 'RunConfig', 'SettingError', 'check_model_config', 'save_config', 'load_config', 'plan_settings']
+__all__ = ['SCHEDULERS', 'RunConfig', 'SettingError', 'check_model_config', 'save_config', 'load_config', 'logging_every',
+           'new_run_dir', 'plan_settings']
 
 # %% ../nbs/09_config.ipynb #5ce08a5b
 def _opt(default, help:str): return field(default=default, metadata={"help": help})
@@ -49,12 +50,13 @@ class RunConfig:
     gradient_checkpointing: bool|str = _opt("auto", "recompute activations to save memory: true (every layer), false, "
                                                    "offload (every layer, its input in host RAM), or auto (only "
                                                    "the layers the memory plan needs)")
-    logging_steps: int = _opt(10, "log the loss every N steps")
+    logging_steps: int|None = _opt(None, "log the loss every N steps; None = from max_steps (see `logging_every`)")
     save_every: int = _opt(50, "write a checkpoint every N steps")
     save_minutes: float = _opt(20.0, "also write a checkpoint every M minutes (0 = only every `save_every` steps); "
                                      "Colab can disconnect any time")
     keep_checkpoints: int = _opt(2, "how many checkpoints to keep")
-    output_dir: str = _opt("runs/lowbudget_ft", "where checkpoints and the adapter go (a Google Drive folder in Colab)")
+    output_dir: str|None = _opt(None, "where checkpoints and the adapter go (a Google Drive folder in Colab); None = a "
+                                      "new folder runs/<date-time>-<model> for each run")
     seed: int = _opt(0, "random seed")
     dashboard: str = _opt("auto", "auto, widget, console or quiet")
 
@@ -68,7 +70,8 @@ class RunConfig:
             _check_type(f.name, kind, getattr(self, f.name))
         for name in ("rank", "batch_size", "grad_accum", "max_seq_len", "logging_steps", "save_every",
                      "keep_checkpoints"):
-            if getattr(self, name) < 1: raise SettingError(name, getattr(self, name), "must be a positive integer")
+            v = getattr(self, name)
+            if v is not None and v < 1: raise SettingError(name, v, "must be a positive integer")
         _check_ranges(self)
 
 _KINDS = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,)}
@@ -124,8 +127,9 @@ def _check_ranges(c):
     if not _known_optimizer(c.optimizer): raise SettingError("optimizer", c.optimizer,
                                                              f"use one of {', '.join(OPTIMIZERS)}")
     for name in ("model", "data", "prompt", "response", "targets", "output_dir"):
-        if not getattr(c, name).strip(): raise SettingError(name, getattr(c, name), "must not be empty")
-    out = Path(c.output_dir).expanduser()
+        v = getattr(c, name)
+        if v is not None and not v.strip(): raise SettingError(name, v, "must not be empty")
+    out = Path(c.output_dir or ".").expanduser()
     if out.exists() and not out.is_dir(): raise SettingError("output_dir", c.output_dir, "is a file, not a folder: "
                                                                                          "choose a folder path")
     if c.template is not None and "{input}" not in c.template and "{instruction}" not in c.template:
@@ -147,7 +151,6 @@ def check_model_config(cfg:RunConfig, # the run
     if isinstance(n, int) and cfg.max_seq_len > n:
         raise SettingError("max_seq_len", cfg.max_seq_len, f"is longer than the model's context ({n} tokens): use at "
                                                            f"most {n}")
-
 
 # %% ../nbs/09_config.ipynb #a62aac9a
 def _check_keys(d:dict, where:str):
@@ -201,6 +204,23 @@ def load_config(path:str|Path) -> RunConfig:
     if not isinstance(d, dict): raise ValueError(f"{path}: expected a mapping of settings, got {type(d).__name__}.")
     _check_keys(d, str(path))
     return RunConfig(**d)
+
+# %% ../nbs/09_config.ipynb #21f26c3d
+def logging_every(max_steps:int, # the run's optimizer steps; -1: from epochs (not known yet)
+                 ) -> int:
+    "Steps between two logged losses: every step up to 20 steps, then about 20 points a run, at least every 10 steps."
+    return 10 if max_steps < 1 else max(1, min(10, max_steps // 20))
+
+def new_run_dir(model:str, # the model's name or path: its last part names the folder
+                root:str|Path="runs", # where run folders go
+                now:float|None=None, # seconds since the epoch; `None`: now
+               ) -> str:
+    "A folder name no run has used yet: `runs/<date-time>-<model>` (`-2`, `-3`, ... when two start the same second)."
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(str(model).rstrip("/")).name).strip("-.") or "model"
+    base = Path(root)/f"{time.strftime('%Y%m%d-%H%M%S', time.localtime(now))}-{name}"
+    out, n = base, 1
+    while out.exists(): n += 1; out = base.with_name(f"{base.name}-{n}")
+    return str(out)
 
 # %% ../nbs/09_config.ipynb #c5813b88
 def plan_settings(cfg:RunConfig, # the run

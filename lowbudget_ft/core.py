@@ -175,20 +175,40 @@ def cached_folder(name:str, # the folder's name under `cache_dir()` (a key of wh
 # %% ../nbs/00_core.ipynb #98bb2ee8
 _KNOWN_WARNINGS = [(FutureWarning, r"`(gradient_checkpointing_enable|is_gradient_checkpointing)` is deprecated"),
                    (UserWarning, r"Paged optimizers are not supported on CPU")]
-_KNOWN_LOGS = {"bitsandbytes.backends.cpu.ops": "Failed to load CPU gemm_4bit_forward"}
+_KNOWN_LOGS = {"bitsandbytes.backends.cpu.ops": "Failed to load CPU gemm_4bit_forward",
+               "transformers.integrations.bitsandbytes": "The modules are dequantized in"}
 
 class _DropMessage(logging.Filter):
     "A logging filter that drops records whose message starts with `text`."
     def __init__(self, text:str): super().__init__(); self.text = text
     def filter(self, record) -> bool: return not str(record.msg).startswith(self.text)
 
+def _drop_known_logs():
+    "Put the `_KNOWN_LOGS` filters on their loggers (once each); imports nothing."
+    for name, text in _KNOWN_LOGS.items():
+        log = logging.getLogger(name)
+        if not any(getattr(f, "text", None) == text for f in log.filters): log.addFilter(_DropMessage(text))
+
+_drop_known_logs()  # at import: bitsandbytes logs its line when it is first imported, by whatever imports it
+
+def _text_bar(factory, args, kwargs):
+    "A transformers tqdm hook: a plain-text bar on stdout instead of a notebook widget (a shim stays a shim)."
+    from tqdm import std
+    return std.tqdm(*args, **{"file": sys.stdout, **kwargs}) if factory.__module__.startswith("tqdm") else factory(
+        *args, **kwargs)
+
+def _text_bars():
+    "Make transformers' progress bars plain text (unless the user set a tqdm hook of their own)."
+    from transformers.utils import logging as hf_logging
+    old = hf_logging.set_tqdm_hook(_text_bar)
+    if old not in (None, _text_bar): hf_logging.set_tqdm_hook(old)
+
 @functools.lru_cache(maxsize=None)
 def quiet_known_noise():
     "Silence the known-harmless warnings of transformers, peft and bitsandbytes (once per process); others still show."
     for category, message in _KNOWN_WARNINGS: warnings.filterwarnings("ignore", message=message, category=category)
-    for name, text in _KNOWN_LOGS.items():
-        log = logging.getLogger(name)
-        if not any(getattr(f, "text", None) == text for f in log.filters): log.addFilter(_DropMessage(text))
+    _drop_known_logs()
+    if in_notebook(): _text_bars()  # no dead widgets in a saved notebook
 
 # %% ../nbs/00_core.ipynb #5f7bd3e8
 def close_matches(name, # what the user typed

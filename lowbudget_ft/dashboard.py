@@ -56,10 +56,14 @@ class Throttle:
         "Current minimum seconds between redraws."
         return max(self.every, self.cost / self.budget if self.budget else 0.0)
 
-    def ready(self, force:bool=False) -> bool:
+    def ready(self,
+              force:bool=False, # due now, whatever the interval
+              every:float|None=None, # this redraw's minimum seconds instead of `every` (the budget still holds)
+             ) -> bool:
         "True (and start a new interval) when a redraw is due now."
         now = self.clock()
-        if not force and self.last is not None and now - self.last < self.interval: return False
+        gap = max(self.every if every is None else every, self.cost / self.budget if self.budget else 0.0)
+        if not force and self.last is not None and now - self.last < gap: return False
         self.last = now
         return True
 
@@ -93,9 +97,89 @@ def _series(rows:list, key:str, scale:float=1.0) -> tuple:
     pts = [(r["step"], r[key] / scale) for r in rows if r.get(key) is not None]
     return tuple(zip(*pts)) if pts else ((), ())
 
-class Plotter:
-    "A figure kept between redraws whose lines are updated in place (a new figure and its ticks cost most of a redraw)."
+def _span(values) -> tuple|None:
+    "`(low, high)` around `values` with 5% margins; None when there are none."
+    if not len(values): return None
+    lo, hi = min(values), max(values)
+    r = (hi - lo) or abs(hi) * 0.1 or 1.0
+    return lo - r * 0.05, hi + r * 0.05
+
+def _inside(values, span) -> bool: return span is not None and all(span[0] <= v <= span[1] for v in values)
+
+def _png(fig) -> bytes:
+    "The canvas of `fig` as it is drawn now, as PNG bytes (no new draw)."
+    import numpy as np
+    from PIL import Image  # (matplotlib's own PNG writer)
+    buf = io.BytesIO()
+    Image.fromarray(np.asarray(fig.canvas.buffer_rgba())).save(buf, format="png", compress_level=1)
+    return buf.getvalue()
+
+# %% ../nbs/10_dashboard.ipynb #977a5714
+class _Frame:
+    "How a `Plotter` puts a history into its figure: data, limits, the look, and the live redraw."
+    def _set_data(self, history:list, gpu_limit:int|None, predicted_peak:int|None, max_points:int):
+        "Put the rows into the lines and the two memory limits into their horizontal lines."
+        for key, ln in self.lines.items():
+            rows = [r for r in history if r.get(key) is not None]
+            ln.set_data(*_series(rows if key == "eval_loss" else _thin(rows, max_points), key,
+                                 1 if "loss" in key else _GiB))
+        self.lines["loss"].set_marker("o" if len(self.lines["loss"].get_xdata()) <= self.few else "None")
+        for ln, v, name in ((self.limit, gpu_limit, "card limit"), (self.plan, predicted_peak, "planned peak")):
+            ln.set_visible(bool(v))
+            if v: ln.set_ydata([v / _GiB] * 2); ln.set_label(f"{name} {fmt_bytes(v)}")
+
+    def _limits(self, max_steps:int|None, live:bool) -> tuple:
+        "Limits of the two panels: the steps to `max_steps`; a live frame keeps its limits while the data fits them."
+        lines = [l for l in [*self.lines.values(), self.limit, self.plan] if l.get_visible()]
+        steps = [x for l in self.lines.values() for x in l.get_xdata()]
+        last = max([max_steps or 0, *steps, 1])
+        loss = [y for k in ("loss", "eval_loss") for y in self.lines[k].get_ydata()]
+        mem = [y for l in lines if l.axes is self.ax_mem for y in l.get_ydata()]
+        old = self._key[0] if live and self._key else None
+        if old and _inside(loss, old[1]): y = old[1]
+        # live: a falling loss stays inside a panel from 0, so its background is seldom redrawn; the final one is tight
+        elif live and loss and min(loss) >= 0: y = (0.0, max(loss) * 1.15 or 1.0)
+        else: y = _span(loss)
+        top = old[2] if old and mem and max(mem) <= old[2] else max(mem, default=0) * (1.25 if live else 1.08) or 1e-3
+        return (0, last + max(0.5, 0.03 * last)), y, top
+
+    def _look(self, lims:tuple, title:str|None):
+        "Apply the limits, the legends, the title, and the waiting note or the loss panel's ticks."
+        has_loss = lims[1] is not None
+        self.ax_loss.set_xlim(*lims[0]); self.ax_mem.set_xlim(*lims[0])
+        if has_loss: self.ax_loss.set_ylim(*lims[1])
+        self.ax_mem.set_ylim(0, lims[2])
+        self.waiting.set_visible(not has_loss)  # no empty axes with meaningless ticks before the first log
+        self.ax_loss.tick_params(left=has_loss, bottom=has_loss, labelleft=has_loss, labelbottom=has_loss)
+        self.ax_loss.grid(has_loss, alpha=0.3) if has_loss else self.ax_loss.grid(False)
+        for ax in (self.ax_loss, self.ax_mem): self._legend(ax)
+        self.title.set_text(title or "")
+        self.fig.subplots_adjust(left=0.055, right=0.985, bottom=0.33, top=0.84 if title else 0.9, wspace=0.15)
+
+    def _blit(self, key:tuple) -> bytes:
+        "A live frame: the saved background when `key` (what it shows) is unchanged, else a full draw; then the lines."
+        c = self.fig.canvas
+        if key != self._key or self._bg is None:
+            c.draw()  # everything but the animated lines
+            self._bg, self._key, self.full_draws = c.copy_from_bbox(self.fig.bbox), key, self.full_draws + 1
+        else: c.restore_region(self._bg)
+        for ln in self.lines.values(): ln.axes.draw_artist(ln)
+        return _png(self.fig)
+
+    def _legend(self, ax):
+        "The legend of the lines `ax` shows, in rows of three under the panel."
+        shown = [l for l in ax.get_lines() if l.get_visible() and len(l.get_xdata())]
+        if ax.get_legend(): ax.get_legend().remove()
+        if len(shown) > 3: shown = [shown[i] for i in (0, 3, 1, 4, 2) if i < len(shown)]  # columns fill first
+        if shown: ax.legend(handles=shown, fontsize=9, loc="upper center", bbox_to_anchor=(0.5, 0), ncol=3,
+                            frameon=False,
+                            bbox_transform=self._below[ax], handlelength=1.5, columnspacing=0.9, borderaxespad=0)
+
+# %% ../nbs/10_dashboard.ipynb #d03ae1dd
+class Plotter(_Frame):
+    "A figure kept between redraws; a live frame redraws only its lines over a saved background (blitting)."
     width = 900  # CSS pixels the picture is shown at: 9 inches at 100 dpi
+    few = 20  # a train-loss line of at most this many points gets markers (one point is a dot, not nothing)
     def __init__(self, dpi:int=100): # resolution of the live PNG; `render(dpi=...)` draws a sharper one
         from matplotlib.figure import Figure
         from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -105,8 +189,9 @@ class Plotter:
         FigureCanvasAgg(self.fig)
         # memory's legend has up to 5 entries
         self.ax_loss, self.ax_mem = self.fig.subplots(1, 2, width_ratios=[1, 1.2])
-        line = lambda ax, fmt, **kw: ax.plot([], [], fmt, lw=1.4, **kw)[0]
-        self.lines = dict(loss=line(self.ax_loss, "-", color="C0", label="train loss (mean per log)"),
+        # animated: a plain canvas draw leaves them out (the saved background); savefig draws them
+        line = lambda ax, fmt, **kw: ax.plot([], [], fmt, lw=1.4, animated=True, **kw)[0]
+        self.lines = dict(loss=line(self.ax_loss, "-", color="C0", ms=4, label="train loss (mean per log)"),
                           eval_loss=line(self.ax_loss, "o-", color="C1", ms=4, label="eval loss"),
                           allocated=line(self.ax_mem, "-", color="C0", label="allocated"),
                           reserved=line(self.ax_mem, "-", color="C2", label="reserved"),
@@ -123,15 +208,7 @@ class Plotter:
         # each legend hangs a fixed 0.48 inch below its panel (under the tick labels and "step"), never over a line
         self._below = {ax: ax.transAxes + ScaledTranslation(0, -0.48, self.fig.dpi_scale_trans) for ax in (self.ax_loss,
                 self.ax_mem)}
-
-    def _legend(self, ax):
-        "The legend of the lines `ax` shows, in rows of three under the panel."
-        shown = [l for l in ax.get_lines() if l.get_visible() and len(l.get_xdata())]
-        if ax.get_legend(): ax.get_legend().remove()
-        if len(shown) > 3: shown = [shown[i] for i in (0, 3, 1, 4, 2) if i < len(shown)]  # columns fill first
-        if shown: ax.legend(handles=shown, fontsize=9, loc="upper center", bbox_to_anchor=(0.5, 0), ncol=3,
-                            frameon=False,
-                            bbox_transform=self._below[ax], handlelength=1.5, columnspacing=0.9, borderaxespad=0)
+        self._bg, self._key, self.full_draws = None, None, 0  # the saved background, what it shows, how often drawn
 
     def render(self,
                history:list, # rows as in `Dashboard.history`
@@ -140,37 +217,33 @@ class Plotter:
                title:str|None=None, # optional figure title
                max_points:int=300, # thin each series to about this many points
                dpi:int|None=None, # resolution of this PNG; `None`: the figure's
+               max_steps:int|None=None, # the run's length: the step axis ends there
+               live:bool=False, # a live frame: limits with room to grow, and only the lines redrawn when they fit
               ) -> bytes:
         "The loss and memory plots of `history` as PNG bytes."
-        for key, ln in self.lines.items():
-            rows = [r for r in history if r.get(key) is not None]
-            ln.set_data(*_series(rows if key == "eval_loss" else _thin(rows, max_points), key,
-                                 1 if "loss" in key else _GiB))
-        for ln, v, name in ((self.limit, gpu_limit, "card limit"), (self.plan, predicted_peak, "planned peak")):
-            ln.set_visible(bool(v))
-            if v: ln.set_ydata([v / _GiB] * 2); ln.set_label(f"{name} {fmt_bytes(v)}")
-        has_loss = any(len(self.lines[k].get_xdata()) for k in ("loss", "eval_loss"))
-        self.waiting.set_visible(not has_loss)  # no empty axes with meaningless ticks before the first log
-        self.ax_loss.tick_params(left=has_loss, bottom=has_loss, labelleft=has_loss, labelbottom=has_loss)
-        self.ax_loss.grid(has_loss, alpha=0.3) if has_loss else self.ax_loss.grid(False)
-        for ax in (self.ax_loss, self.ax_mem):
-            ax.relim(visible_only=True); ax.autoscale_view()
-            self._legend(ax)
-        self.ax_mem.set_ylim(0, max(self.ax_mem.dataLim.y1 * 1.08, 1e-3))  # explicit: set_ylim turns y-autoscale off
-        self.title.set_text(title or "")
-        self.fig.subplots_adjust(left=0.055, right=0.985, bottom=0.33, top=0.84 if title else 0.9, wspace=0.15)
+        self._set_data(history, gpu_limit, predicted_peak, max_points)
+        lims = self._limits(max_steps, live)
+        shown = tuple((l.get_label(), l.get_marker()) for l in [*self.lines.values(), self.limit, self.plan]
+                      if l.get_visible() and len(l.get_xdata()))
+        key = (lims, shown, title)
+        if live and key == self._key and self._bg is not None: return self._blit(key)
+        self._look(lims, title)
+        if live: return self._blit(key)
+        self._bg = None  # savefig (at another dpi) replaces the canvas's renderer
         buf = io.BytesIO()
         self.fig.savefig(buf, format="png", dpi=dpi or self.fig.dpi, pil_kwargs={"compress_level": 1})
         return buf.getvalue()
 
+# %% ../nbs/10_dashboard.ipynb #0a007e5c
 def render_png(history:list, # rows as in `Dashboard.history`
                gpu_limit:int|None=None, # the card's usable memory in bytes, drawn as a red line
                predicted_peak:int|None=None, # the planner's predicted peak in bytes, drawn as an orange line
                title:str|None=None, # optional figure title
                dpi:int=150, # resolution of the PNG (the final dashboard's; the live one is 100)
+               max_steps:int|None=None, # the run's length: the step axis ends there
               ) -> bytes:
     "The loss and memory plots of `history` as PNG bytes (matplotlib Agg, no pyplot)."
-    return Plotter().render(history, gpu_limit, predicted_peak, title, dpi=dpi)
+    return Plotter().render(history, gpu_limit, predicted_peak, title, dpi=dpi, max_steps=max_steps)
 
 # %% ../nbs/10_dashboard.ipynb #b6aa583d
 class QuietView:
@@ -183,6 +256,8 @@ class QuietView:
 
 class ConsoleView(QuietView):
     "A compact log line per logging step, printed to `sys.stdout` (looked up at print time)."
+    def begin(self, dash):
+        if dash.run_dir: print(f"run folder: {dash.run_dir}", flush=True)
     def text(self, dash, final:bool=False): print(("done " if final else "") + dash.status_line(), flush=True)
     def note(self, dash, msg:str): print(f"[note] step {dash.step}: {msg}", flush=True)
 
@@ -200,6 +275,7 @@ def _widget_data(w) -> dict:
     return {"text/plain": "Training dashboard (a live widget: it needs the running kernel)",
             _WIDGET_MIME: {"version_major": 2, "version_minor": 0, "model_id": w.model_id}}
 
+# %% ../nbs/10_dashboard.ipynb #b1f824bf
 class WidgetView(QuietView):
     "One cell output of core ipywidgets: header, progress bar, plot image, memory gauge and notes."
     def __init__(self, show:bool=True): self.show, self.handle, self.box = show, None, None
@@ -217,6 +293,7 @@ class WidgetView(QuietView):
         self.gauge_labels = {k: W.HTML() for k in self.gauges}
         self.total_label = W.HTML()
         rows = [W.HBox([self.gauges[k], self.gauge_labels[k]]) for k in self.gauges]
+        self.notes.value = dash.notes_html()  # what was said before step 1 (resume, data notes)
         self.box = W.VBox([self.header, self.bar, self.image, *rows, self.total_label, self.notes])
         if self.show:
             from IPython.display import display
@@ -319,13 +396,13 @@ class _History:
         return [m for _, m in self._notes]
 
 # %% ../nbs/10_dashboard.ipynb #585f4f20
-class _Display:
-    "The header, console line, notes, summary and plot of a dashboard."
-    png_dpi = 150  # resolution of the final picture (the live one is 100 dpi): crisp, shown at `Plotter.width` pixels
+class _Header:
+    "The header, console line and notes of a dashboard."
 
     def _loss_steps(self) -> tuple:
         "(last logged train loss, first and last step it averages), or `(None, None, None)`."
-        rows = [r for r in self.history if r.get("loss") is not None][-2:]
+        upto = self._shown if self.mode == "widget" else None  # the chart's last loss: the header never runs ahead
+        rows = [r for r in self.history if r.get("loss") is not None and (upto is None or r["step"] <= upto)][-2:]
         if not rows: return None, None, None
         return rows[-1]["loss"], (rows[0]["step"] + 1 if len(rows) == 2 else 1), rows[-1]["step"]
 
@@ -348,12 +425,18 @@ class _Display:
     def header_html(self) -> str:
         "The header as HTML: the facts of `status_line`, step and loss in bold; a line breaks only between facts."
         p = [f"<span style='white-space:nowrap'>{html.escape(s)}</span>" for s in self._status_parts()]
-        return f"<b>{p[0]}</b> &nbsp; <b>{p[1]}</b> &nbsp; " + " &nbsp;| ".join(p[2:])
+        folder = f"<br><small>run folder <code>{html.escape(str(self.run_dir))}</code></small>" if self.run_dir else ""
+        return f"<b>{p[0]}</b> &nbsp; <b>{p[1]}</b> &nbsp; " + " &nbsp;| ".join(p[2:]) + folder
 
     def notes_html(self, last:int=5) -> str:
         "The last few notes as an HTML list."
         items = "".join(f"<li>step {s}: {html.escape(m)}</li>" for s, m in self._notes[-last:])
         return f"<ul style='margin:0;color:#b35900'>{items}</ul>" if items else ""
+
+# %% ../nbs/10_dashboard.ipynb #7c583701
+class _Display(_Header):
+    "The summary and the plot of a dashboard (and its header, console line and notes)."
+    png_dpi = 150  # resolution of the final picture (the live one is 100 dpi): crisp, shown at `Plotter.width` pixels
 
     @property
     def summary_html(self) -> str:
@@ -371,6 +454,7 @@ class _Display:
                  ("peak memory", fmt_bytes(peak) if peak is not None else "–")]
         if self.gpu_limit: facts.append(("card limit", fmt_bytes(self.gpu_limit)))
         if self.predicted_peak: facts.append(("planned peak", fmt_bytes(self.predicted_peak)))
+        if self.run_dir: facts.append(("run folder", f"<code>{html.escape(str(self.run_dir))}</code>"))
         rows = "".join(f"<tr><td style='text-align:left'>{k}</td><td style='text-align:right'>{v}</td></tr>"
                        for k, v in facts)
         notes = "".join(f"<li>step {s}: {html.escape(m)}</li>" for s, m in self._notes)
@@ -383,11 +467,16 @@ class _Display:
         return self._png
 
     def _render(self, dpi:int|None=None) -> bytes:
-        "Render the plot now (live resolution unless `dpi`), timing it for the plot throttle."
+        "Render the plot now (a cheap live frame unless `dpi`), timing it for the plot throttle."
         t = self.clock()
         if self._plotter is None: self._plotter = Plotter()
-        png = self._plotter.render(self.history, self.gpu_limit, self.predicted_peak, dpi=dpi)
-        self._plot.spent(self.clock() - t)
+        self._shown = max((r["step"] for r in self.history if r.get("loss") is not None), default=0)
+        draws = self._plotter.full_draws
+        png = self._plotter.render(self.history, self.gpu_limit, self.predicted_peak, dpi=dpi,
+                                   max_steps=self.max_steps or None, live=dpi is None)
+        # a redrawn background (the first frame, the first loss, a new line: a few a run) is not held against the
+        # budget, or one of them would hold the chart back for 10-30 s; the redraws of the lines are
+        if self._plotter.full_draws == draws: self._plot.spent(self.clock() - t)
         self.renders["plot"] += 1
         return png
 
@@ -398,15 +487,15 @@ class _Display:
 # %% ../nbs/10_dashboard.ipynb #b235b8d3
 def _main(state) -> bool: return getattr(state, "is_world_process_zero", True)
 
-class _Events:
-    "The `TrainerCallback` events the dashboard listens to."
-    def _draw(self, force:bool=False, plot:bool=False):
-        "Redraw the text and, when asked (widget mode), the plot; each throttled unless forced."
-        if self._text.ready(force):
+class _Redraw:
+    "Redrawing, reading memory, notes; any `TrainerCallback` event not handled is a no-op."
+    def _draw(self, force:bool=False, plot:bool=False, every:float|None=None):
+        "Redraw the plot (widget mode, when asked, at most every `every` s) and the text; each throttled unless forced."
+        drew = plot and self.mode == "widget" and self._plot.ready(force, every)
+        if drew: self.view.plot(self, self._render())
+        if self._text.ready(force or drew):  # a new chart brings the header with it: they show the same last loss
             self.renders["text"] += 1
             self.view.text(self)
-        if plot and self.mode == "widget" and self.history and self._plot.ready(force): self.view.plot(self,
-                self._render())
 
     def _sample(self) -> dict:
         "Read memory once: kept for the gauge and returned for the history row."
@@ -414,6 +503,21 @@ class _Events:
         self.last_memory, self.memory_total = m, self.gpu_limit or m.get("total")
         return m
 
+    def note(self,
+             msg:str, # the message, e.g. "out of memory: micro-batch 8 → 4, grad accumulation 2 → 4"
+            ):
+        "Show `msg` on the dashboard now (not throttled) and record it in `.notes`."
+        self._notes.append((self.step, str(msg)))
+        self.view.note(self, str(msg))
+
+    def __getattr__(self, name):
+        "Any other `TrainerCallback` event is a no-op."
+        if name.startswith("on_"): return lambda *args, **kwargs: None
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+# %% ../nbs/10_dashboard.ipynb #b489dc8e
+class _Events(_Redraw):
+    "The `TrainerCallback` events the dashboard listens to."
     def on_train_begin(self, args, state, control, **kwargs):
         if not _main(state): return
         self._resume(state)
@@ -425,8 +529,7 @@ class _Events:
         self._mark(state, restart=True)
         self._sample()
         self.view.begin(self)
-        self._draw(force=True)
-        self._plot.last = self._t0  # the first plot comes `plot_every` seconds in, with something to show
+        self._draw(force=True, plot=True)  # the first frame before step 1: never an empty image
 
     def on_step_end(self, args, state, control, **kwargs):
         if not _main(state): return
@@ -444,8 +547,9 @@ class _Events:
         r = self._row(state.global_step)
         for k in ("loss", "learning_rate", "eval_loss"):
             if logs.get(k) is not None: r[k] = logs[k]
-        # the last loss is never stale
-        if "loss" in logs and self.mode != "quiet": self._draw(force=state.global_step >= self.max_steps > 0)
+        # a new loss redraws the chart (within the time budget alone) and the header; the last one is never stale
+        if "loss" in logs and self.mode != "quiet": self._draw(force=state.global_step >= self.max_steps > 0, plot=True,
+                                                               every=0.0)
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
         if not _main(state): return
@@ -461,18 +565,6 @@ class _Events:
         self.renders["text"] += 1
         self.view.text(self, final=True)
         self.view.end(self)
-
-    def note(self,
-             msg:str, # the message, e.g. "out of memory: micro-batch 8 → 4, grad accumulation 2 → 4"
-            ):
-        "Show `msg` on the dashboard now (not throttled) and record it in `.notes`."
-        self._notes.append((self.step, str(msg)))
-        self.view.note(self, str(msg))
-
-    def __getattr__(self, name):
-        "Any other `TrainerCallback` event is a no-op."
-        if name.startswith("on_"): return lambda *args, **kwargs: None
-        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
 # %% ../nbs/10_dashboard.ipynb #18df72cc
 class _hybridmethod:
@@ -542,7 +634,7 @@ class Dashboard(_Persist, _Events, _Display, _History):
                  gpu_limit:int|None=None,
                  predicted_peak:int|None=None, # the memory planner's predicted peak in bytes, drawn as a line
                  text_every:float=0.5, # redraw the header and gauge at most every this many seconds
-                 plot_every:float=3.0, # redraw the plot at most every this many seconds (forced at eval and end)
+                 plot_every:float=3.0, # between new losses, redraw the plot (memory) at most every this many seconds
                  # console: a progress line after this many quiet seconds, whatever `logging_steps` is
                  beat_every:float=15.0,
                  history:list|None=None, # rows of an earlier run to continue (resume)
@@ -550,11 +642,12 @@ class Dashboard(_Persist, _Events, _Display, _History):
                  memory=None, # a callable returning `core.memory_stats()`-style dicts; `None`: `memory_stats`
                  show:bool=True, # widget mode: display the widget (False builds and updates it without displaying)
                  window:int=20, # steps over which tokens/s and the ETA are measured
+                 run_dir:str|None=None, # the run's folder, named in the header and the summary
                 ):
         self.mode = choose_mode(mode)
         self.gpu_limit, self.predicted_peak, self.clock, self.memory = (gpu_limit, predicted_peak, clock,
                 memory or memory_stats)
-        self.beat_every = beat_every
+        self.beat_every, self.run_dir = beat_every, run_dir
         self.history = [dict(r) for r in (history or [])]  # one row per step: see `_ROW_KEYS`
         self._notes = []  # (step, message)
         # plots: <=1% of the time
@@ -564,6 +657,7 @@ class Dashboard(_Persist, _Events, _Display, _History):
         self.step, self.max_steps, self.last_memory, self.memory_total = 0, 0, {}, None
         self.renders = dict(text=0, plot=0)  # how many redraws happened (tests and benchmarks read it)
         self._marks, self._t0, self._offset, self._png, self._plotter = deque(maxlen=window + 1), None, 0.0, None, None
+        self._shown = None  # the step of the last loss the live chart shows
 
     def __repr__(self):
         return f"Dashboard(mode={self.mode!r}, step={self.step}/{self.max_steps}, rows={len(self.history)})"

@@ -174,10 +174,11 @@ LabelReport.confusion_matrix, LabelReport.per_class, LabelReport.macro_f1 = (_co
 
 # %% ../nbs/17_evaluate.ipynb #e98d0f13
 def _plot_confusion(self:LabelReport, ax=None):
-    "The confusion matrix as a matplotlib heat map; returns the Figure."
-    import matplotlib.pyplot as plt
+    "The confusion matrix as a matplotlib heat map; returns the Figure (typed bare, a notebook shows it once)."
+    import matplotlib.pyplot as plt  # (sets up a notebook's inline display of figures)
     m = self.confusion_matrix()
-    if ax is None: fig, ax = plt.subplots(figsize=(1 + 0.7 * m.shape[1], 1 + 0.6 * m.shape[0]))
+    own = ax is None
+    if own: fig, ax = plt.subplots(figsize=(1 + 0.7 * m.shape[1], 1 + 0.6 * m.shape[0]))
     else: fig = ax.figure
     ax.imshow(m.values, cmap="Blues")
     ax.set_xticks(range(m.shape[1]), m.columns, rotation=45, ha="right"); ax.set_yticks(range(m.shape[0]), m.index)
@@ -189,7 +190,8 @@ def _plot_confusion(self:LabelReport, ax=None):
                     j] > hi / 2 else "black")
     ax.set_title(f"accuracy {self.accuracy:.1%}, {self.unparsed} unparsed")
     fig.tight_layout()
-    return fig  # left open, like every plot here: `fig = report.plot_confusion()` shows it in a notebook
+    if own: plt.close(fig)  # shown as the cell's value, not again when the cell ends
+    return fig
 
 def _label_md(self:LabelReport) -> str:
     pc = self.per_class()
@@ -272,11 +274,12 @@ def _plot_coverage(self:LabelReport,
                    target:float=0.9, # accuracy line to draw
                    ax=None, # a matplotlib Axes to draw into
                   ):
-    "Accuracy of the routed rows against the share routed (most confident first); returns the Figure."
+    "Accuracy of the routed rows against the share routed (most confident first); returns the Figure (shown once)."
     import numpy as np, matplotlib.pyplot as plt
     conf, right = _ranked(self)
     n = np.arange(1, len(right) + 1)
-    if ax is None: fig, ax = plt.subplots(figsize=(5, 3.2))
+    own = ax is None
+    if own: fig, ax = plt.subplots(figsize=(5, 3.2))
     else: fig = ax.figure
     ax.plot(n / len(n), np.cumsum(right) / n, label="routed rows")
     ax.axhline(target, color="grey", ls="--", lw=1, label=f"target {target:.0%}")
@@ -285,6 +288,7 @@ def _plot_coverage(self:LabelReport,
     ax.set_ylim(0, 1.02); ax.legend(loc="lower left", fontsize=8)
     ax.set_title(self.routing_line(target), fontsize=8, wrap=True)
     fig.tight_layout()
+    if own: plt.close(fig)  # shown as the cell's value, not again when the cell ends
     return fig
 
 LabelReport.coverage, LabelReport.routing_line, LabelReport.plot_coverage = _coverage, _routing_line, _plot_coverage

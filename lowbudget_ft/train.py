@@ -4,12 +4,13 @@
 
 # %% ../nbs/14_train.ipynb #223f62d2
 from __future__ import annotations
-import contextlib, hashlib, json, math, signal, sys, threading, time
+import contextlib, hashlib, json, math, os, signal, sys, threading, time, warnings
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from .core import (gpu_info, memory_stats, reset_peak, fmt_bytes, quiet_known_noise, available_ram,
                                total_ram, compute_dtype)
-from .config import RunConfig, SettingError, plan_settings, save_config, check_model_config, _replace
+from .config import (RunConfig, SettingError, plan_settings, save_config, check_model_config, _replace,
+                                 logging_every, new_run_dir)
 from .models import model_path
 from .memory import plan_memory, layers_to_recompute, WontFitError
 from .complaints import load_complaints
@@ -46,7 +47,8 @@ def training_args(cfg:RunConfig, # the run
              gradient_accumulation_steps=cfg.grad_accum, learning_rate=cfg.lr, num_train_epochs=cfg.epochs,
              max_steps=cfg.max_steps, warmup_steps=cfg.warmup_ratio,  # transformers 5: a value < 1 is a ratio
              lr_scheduler_type=cfg.scheduler, optim=cfg.optimizer,
-             logging_steps=cfg.logging_steps, save_strategy="steps", save_steps=cfg.save_every,
+             logging_steps=cfg.logging_steps or logging_every(cfg.max_steps), save_strategy="steps",
+             save_steps=cfg.save_every,
              save_total_limit=cfg.keep_checkpoints, eval_strategy="steps" if has_eval else "no",
              eval_steps=cfg.save_every if has_eval else None, seed=cfg.seed, report_to=[], disable_tqdm=True,
              **_mixed_precision(info),
@@ -155,11 +157,22 @@ def run_record(model, # the model being trained (a `PeftModel`)
 # %% ../nbs/14_train.ipynb #3221aa83
 def _prepared(data) -> bool: return hasattr(data, "column_names") and "labels" in data.column_names
 
-def _as_dataset(data, tokenizer, cfg:RunConfig):
-    "Tokenised examples from `data` (already tokenised datasets pass through)."
+def _ours(w) -> bool:
+    "A warning of this library: raised in the package, or pointing (stacklevel) at the call in `_as_dataset`."
+    return (Path(w.filename).parent == Path(prepare_dataset.__code__.co_filename).parent
+            or w.filename == _as_dataset.__code__.co_filename)
+
+def _as_dataset(data, tokenizer, cfg:RunConfig, notes:list|None=None):
+    "Tokenised examples from `data` (prepared ones pass through); the data's notes (rows cut, dropped) go to `notes`."
     if data is None or _prepared(data): return data
-    return prepare_dataset(data, tokenizer, prompt=cfg.prompt, response=cfg.response, instruction=cfg.instruction,
-                           max_seq_len=cfg.max_seq_len, sheet=cfg.sheet, template=cfg.template)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ds = prepare_dataset(data, tokenizer, prompt=cfg.prompt, response=cfg.response, instruction=cfg.instruction,
+                             max_seq_len=cfg.max_seq_len, sheet=cfg.sheet, template=cfg.template)
+    for w in caught:  # ours: one line on the dashboard (not a warning naming this file); others as they came
+        if notes is not None and _ours(w): notes.append(str(w.message))
+        else: warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return ds
 
 def _read_data(cfg:RunConfig):
     "The table `cfg.data` names ('sample': the bundled complaints' training rows), read before any model work."
@@ -177,13 +190,16 @@ def _hold_out(data, eval_data, cfg:RunConfig) -> tuple:
     if name: train.attrs["source_name"] = name
     return train, evals
 
-def _datasets(train_data, eval_data, tokenizer, cfg:RunConfig, overrides:dict) -> tuple:
-    "`(train table, train examples, eval examples)`: the data read, split and tokenised as `cfg` says."
+def _datasets(train_data, eval_data, tokenizer, cfg:RunConfig, overrides:dict, notes:list|None=None) -> tuple:
+    "`(train table, train examples, eval examples)`: the data read, split and tokenised as `cfg` says (notes: `notes`)."
     if train_data is None: train_data = _read_data(cfg)
     elif "data" in overrides: raise SettingError("data", cfg.data, "names the training data, but train_data was given "
                                                                    "too: pass one of them")
     train_data, eval_data = _hold_out(train_data, eval_data, cfg)
-    return train_data, _as_dataset(train_data, tokenizer, cfg), _as_dataset(eval_data, tokenizer, cfg)
+    evals = [] if notes is not None else None
+    out = train_data, _as_dataset(train_data, tokenizer, cfg, notes), _as_dataset(eval_data, tokenizer, cfg, evals)
+    if evals: notes += [f"evaluation data: {n}" for n in evals]
+    return out
 
 # %% ../nbs/14_train.ipynb #0d896872
 # where each model-side setting is made: finetune trains the model it is given, so these come from that model
@@ -320,7 +336,7 @@ def _trainer(model, tokenizer, args, cfg:RunConfig, datasets:tuple, callbacks, r
     from lowbudget_ft.trainer import LowBudgetTrainer
     old = read_mark(ckpt).get("lr") if ckpt else None
     dash = Dashboard(mode=cfg.dashboard if args.should_save else "quiet", predicted_peak=plan.total if plan else None,
-                     gpu_limit=memory_stats()["total"] if gpu_info().is_cuda else None)
+                     gpu_limit=memory_stats()["total"] if gpu_info().is_cuda else None, run_dir=args.output_dir)
     cbs = list(callbacks or []) + ([SaveEveryMinutes(cfg.save_minutes)] if cfg.save_minutes else [])
     return LowBudgetTrainer(model=model, args=args, train_dataset=datasets[0], eval_dataset=datasets[1],
                             data_collator=make_collator(tokenizer, packing=cfg.packing), callbacks=cbs,
@@ -328,8 +344,11 @@ def _trainer(model, tokenizer, args, cfg:RunConfig, datasets:tuple, callbacks, r
                             resume_lr=cfg.lr if old is not None and not math.isclose(old, cfg.lr) else None,
                             dashboard=dash)
 
-def _tell_start(trainer, out:Path, resume:bool, ckpt, skipped:list, recomputed:int|None):
-    "What the dashboard says before step 1: where the run resumes, what was skipped, what changed."
+def _tell_start(trainer, out:Path, resume:bool, ckpt, skipped:list, recomputed:int|None, notes:list=()):
+    "What the dashboard says before step 1: the data's notes, where the run resumes, what was skipped, what changed."
+    for n in notes:
+        trainer.say(n)  # a quiet dashboard shows nothing: the note is a warning at the caller's line then (CLI, CI)
+        if trainer.dashboard.mode == "quiet" and trainer.args.should_save: warnings.warn(n, stacklevel=3)
     if resume: trainer.say(f"resuming from {ckpt}" if ckpt else f"no complete checkpoint in {out} yet: starting from "
                                                                 "step 0")
     for s in skipped: trainer.say(s)
@@ -352,6 +371,16 @@ def _finish(trainer, model, tokenizer, cfg:RunConfig, out:Path, rec:dict, res, s
     return TrainResult(adapter, trainer.dashboard.history, st.global_step, res.training_loss, memory_stats()["peak"],
                        seconds, cfg, micro, cfg.grad_accum * math.ceil(cfg.batch_size / micro),
                        trainer.dashboard.notes, trainer)
+
+def _run_dir(cfg:RunConfig, resume:bool) -> RunConfig:
+    "`cfg` with its folder: a new `runs/<date-time>-<model>` when none is given, so a cell can be run twice."
+    if cfg.output_dir is not None: return cfg
+    if resume: raise SettingError("output_dir", None, "can't be resumed: name the run's folder, e.g. "
+                                                      "output_dir='runs/20261202-140509-tiny' (a run given no folder "
+                                                      "gets a new one)")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise SettingError("output_dir", None, "must be set on a multi-GPU run: its processes share one folder")
+    return _replace(cfg, output_dir=new_run_dir(cfg.model))
 
 def _nothing_to_do(out:Path, rec:dict, cfg:RunConfig) -> TrainResult:
     "The result of resuming a run that already finished: nothing trains."
@@ -380,8 +409,10 @@ def finetune(model, # a `PeftModel` (see `add_lora`)
     from transformers import set_seed  # imports torch
     cfg = _replace(config or RunConfig(), **overrides)
     set_seed(cfg.seed)
-    train_data, train_ds, eval_ds = _datasets(train_data, eval_data, tokenizer, cfg, overrides)
+    notes = []  # the data's own notes (rows cut to max_seq_len, rows dropped): said on the dashboard
+    train_data, train_ds, eval_ds = _datasets(train_data, eval_data, tokenizer, cfg, overrides, notes)
     cfg, ident = run_record(model, tokenizer, cfg, train_data, train_ds)  # what is actually trained, not the defaults
+    cfg = _run_dir(cfg, resume)
     _check_model_settings(_given(config, overrides), cfg)
     plan, recomputed = _plan_run(model, cfg, _answer_tokens(train_ds), check_fit)
     args, out = training_args(cfg, has_eval=eval_ds is not None, **(training_arguments or {})), Path(cfg.output_dir)
@@ -390,7 +421,7 @@ def finetune(model, # a `PeftModel` (see `add_lora`)
     if ckpt and _finished(rec, cfg): return _nothing_to_do(out, rec, cfg)
     if args.should_save: clear_deleted(out)  # what a killed clean-up left
     trainer = _trainer(model, tokenizer, args, cfg, (train_ds, eval_ds), callbacks, rec, ckpt, plan)
-    _tell_start(trainer, out, resume, ckpt, skipped, recomputed)
+    _tell_start(trainer, out, resume, ckpt, skipped, recomputed, notes)
     reset_peak()
     t0, ctrl_c = time.time(), _StopOnCtrlC()
     trainer.add_callback(ctrl_c)
