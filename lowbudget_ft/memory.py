@@ -525,13 +525,15 @@ def check_fits(model, # preset name, local path, hub id or `PretrainedConfig`
 def _plot(self:MemoryPlan, ax=None):
     "Stacked bar of the plan's components against the device's usable memory; returns the figure."
     import matplotlib.pyplot as plt
-    fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(4, 5))
+    own = ax is None
+    fig, ax = plt.subplots(figsize=(4, 5)) if own else (ax.figure, ax)
     bottom, colours = 0, plt.get_cmap("tab20").colors  # 20 distinct colours: no two components share one
     for i, (k, v) in enumerate(self.components.items()):
         if v: ax.bar(0, v / _GiB, bottom=bottom / _GiB, label=k, width=0.5, color=colours[i % 20]); bottom += v
     ax.axhline(self.budget / _GiB, color="red", ls="--", label=f"{self.gpu} limit")
     ax.set_xticks([]); ax.set_ylabel("GiB"); ax.set_title(("fits" if self.fits else "does not fit") + f" on {self.gpu}")
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1, 1)); fig.tight_layout()
+    if own: plt.close(fig)  # shown as the cell's value, not again when the cell ends
     return fig
 MemoryPlan.plot = _plot
 
