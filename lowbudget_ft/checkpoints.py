@@ -6,6 +6,7 @@
 from __future__ import annotations
 import contextlib, json, math, os, shutil, time
 from pathlib import Path
+from .loading import BASE_RECORD
 
 # %% auto #0
 __all__ = ['BLOWUP', 'RESUME_SETTINGS', 'complete_checkpoints', 'discard', 'clear_deleted', 'mark_complete', 'DivergedError',
@@ -58,6 +59,8 @@ def mark_complete(checkpoint:str|Path, # a `checkpoint-N` folder whose files are
                  ):
     "Write `checkpoint`'s marker last, in one rename, then delete all but the newest `keep` complete checkpoints."
     ckpt = Path(checkpoint)
+    base = ckpt.parent/BASE_RECORD  # the base the run trains on (finetune writes it): the checkpoint keeps a copy
+    if base.is_file(): shutil.copyfile(base, ckpt/BASE_RECORD)
     tmp = ckpt/f".{_MARK}.tmp"
     tmp.write_text(json.dumps(mark))
     os.replace(tmp, ckpt/_MARK)  # from here on the checkpoint is complete

@@ -16,7 +16,7 @@ from .complaints import load_complaints
 from .data import prepare_dataset, split_dataset, read_table, make_collator, _has_chat_template
 from .attention import packed_attention
 from .dashboard import Dashboard
-from .loading import load_model
+from .loading import load_model, base_record
 from .lora import add_lora, checkpointed_layers, recompute_layers
 from .checkpoints import (SaveEveryMinutes, claim_folder, clear_deleted, good_checkpoint, read_mark,
                                       write_run, _agree)
@@ -218,6 +218,7 @@ def save_adapter(model, # the trained `PeftModel`
     path = Path(path)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
+    base_record(model, cfg.model if cfg is not None else None).save(path)  # the base it was trained on: export checks it
     if cfg is not None: save_config(cfg, path/"run_config.yaml")
     return path
 
@@ -378,6 +379,8 @@ def finetune(model, # a `PeftModel` (see `add_lora`)
             ) -> TrainResult:
     "Fine-tune `model` on `train_data` with the live dashboard; saves the adapter to `output_dir/adapter`."
     from transformers import set_seed  # imports torch
+    if resume and overwrite: raise ValueError("resume=True and overwrite=True contradict each other: resume=True "
+                                              "continues the run in output_dir, overwrite=True deletes it; pass one.")
     cfg = _replace(config or RunConfig(), **overrides)
     set_seed(cfg.seed)
     train_data, train_ds, eval_ds = _datasets(train_data, eval_data, tokenizer, cfg, overrides)
@@ -388,7 +391,7 @@ def finetune(model, # a `PeftModel` (see `add_lora`)
     rec = claim_folder(out, ident, resume=resume, overwrite=overwrite, write=args.should_save)
     ckpt, skipped = _resume_point(out, rec, resume, overwrite)
     if ckpt and _finished(rec, cfg): return _nothing_to_do(out, rec, cfg)
-    if args.should_save: clear_deleted(out)  # what a killed clean-up left
+    if args.should_save: clear_deleted(out); base_record(model, cfg.model).save(out)  # each checkpoint copies it
     trainer = _trainer(model, tokenizer, args, cfg, (train_ds, eval_ds), callbacks, rec, ckpt, plan)
     _tell_start(trainer, out, resume, ckpt, skipped, recomputed)
     reset_peak()
