@@ -4,8 +4,9 @@
 
 # %% ../nbs/20_gguf.ipynb #de0f8f7c
 from __future__ import annotations
-import os, shutil, subprocess, sys, tempfile
+import os, subprocess, sys
 from .export import _check_out_dir
+from .checkpoints import staged
 from dataclasses import dataclass, field
 from pathlib import Path
 from .models import require
@@ -121,15 +122,10 @@ def export_gguf(model_dir:str|Path, # a merged model folder (what merge_and_save
     require({"convert_hf_to_gguf": "convert-hf-to-gguf"}, CONVERTER_INSTALL, "GGUF export")
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(model_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
     name = f"model-{quant}.gguf"
-    try:
+    with staged(out_dir) as tmp:  # the .gguf and Modelfile appear together, or not at all
         _convert(model_dir, tmp/name, quant)
         (tmp/"Modelfile").write_text(modelfile(name, tok))
-        if out_dir.is_dir(): out_dir.rmdir()  # empty (checked above)
-        os.replace(tmp, out_dir)
-    finally: shutil.rmtree(tmp, ignore_errors=True)
     return out_dir/name
 
 # %% ../nbs/20_gguf.ipynb #bf9aa652
