@@ -10,8 +10,8 @@ from .loading import BASE_RECORD
 
 # %% auto #0
 __all__ = ['BLOWUP', 'RESUME_SETTINGS', 'complete_checkpoints', 'discard', 'staged', 'clear_deleted', 'mark_complete',
-           'DivergedError', 'barrier', 'checkpoint_problem', 'good_checkpoint', 'read_run', 'claim_folder', 'write_run',
-           'read_mark', 'SaveEveryMinutes']
+           'DivergedError', 'barrier', 'checkpoint_problem', 'good_checkpoint', 'read_run', 'check_resume',
+           'claim_folder', 'write_run', 'read_mark', 'SaveEveryMinutes']
 
 # %% ../nbs/11_checkpoints.ipynb #c9222013
 _MARK = "lowbudget_ft.json"
@@ -188,6 +188,13 @@ def _holds_run(output_dir:Path) -> list:
 def _differences(old:dict, new:dict) -> list:
     "`key: old → new` for every identity setting that differs."
     return [f"{k} {old.get(k)!r} → {new.get(k)!r}" for k in new if k in old and old[k] != new[k]]
+
+def check_resume(resume:bool, # continue the run in the folder
+                 overwrite:bool, # discard the run in the folder
+                ):
+    "Refuse `resume` and `overwrite` together: one continues the run in the folder, the other deletes it."
+    if resume and overwrite: raise ValueError("resume=True and overwrite=True contradict each other: resume=True "
+                                              "continues the run in output_dir, overwrite=True deletes it; pass one.")
 
 def claim_folder(output_dir:str|Path, # the run's output folder
                  identity:dict, # what makes the run this run: model, data fingerprint, settings that matter

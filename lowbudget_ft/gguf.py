@@ -4,7 +4,7 @@
 
 # %% ../nbs/20_gguf.ipynb #de0f8f7c
 from __future__ import annotations
-import os, subprocess, sys
+import os, shutil, subprocess, sys, tempfile
 from .export import _check_out_dir
 from .checkpoints import staged
 from dataclasses import dataclass, field
@@ -13,7 +13,7 @@ from .models import require
 
 # %% auto #0
 __all__ = ['QUANTS', 'CONVERTER_INSTALL', 'RUNNER_INSTALL', 'OllamaTemplate', 'ollama_template', 'modelfile', 'export_gguf',
-           'GGUFCheck', 'verify_gguf']
+           'check_convertible', 'GGUFCheck', 'verify_gguf']
 
 # %% ../nbs/20_gguf.ipynb #35ca6b88
 QUANTS = ("q8_0", "f16", "bf16", "f32")  # the converter's output types that need no calibration
@@ -97,9 +97,10 @@ def _check_model_dir(model_dir:Path):
         raise FileNotFoundError(f"{model_dir} is not a model folder (it needs config.json and *.safetensors): pass "
                                 "the folder written by merge_and_save.")
 
-def _convert(model_dir:Path, outfile:Path, quant:str):
+def _convert(model_dir:Path, outfile:Path, quant:str, vocab_only:bool=False):
     "Run llama.cpp's converter in its own process; one error line with its last message when it fails."
     cmd = [sys.executable, "-m", "convert_hf_to_gguf", str(model_dir), "--outfile", str(outfile), "--outtype", quant]
+    cmd += ["--vocab-only"] * vocab_only
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode == 0 and outfile.exists(): return
     lines = [l for l in (r.stderr + r.stdout).splitlines() if l.strip() and not l.startswith((" ", "Traceback"))]
@@ -127,6 +128,23 @@ def export_gguf(model_dir:str|Path, # a merged model folder (what merge_and_save
         _convert(model_dir, tmp/name, quant)
         (tmp/"Modelfile").write_text(modelfile(name, tok))
     return out_dir/name
+
+# %% ../nbs/20_gguf.ipynb #49a9b701
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja")
+
+def check_convertible(config_dir:str|Path, # a folder with the model's config.json (the base model: no merge needed)
+                      tokenizer_dir:str|Path|None=None, # where its tokenizer is (the adapter's); None = `config_dir`
+                     ):
+    ("Refuse, before a merge starts, a model llama.cpp's converter can't take (its tokenizer or architecture): a "
+     "vocabulary-only conversion of its config and tokenizer, a few seconds.")
+    config_dir, tokenizer_dir = Path(config_dir), Path(tokenizer_dir or config_dir)
+    require({"convert_hf_to_gguf": "convert-hf-to-gguf"}, CONVERTER_INSTALL, "GGUF export")
+    with tempfile.TemporaryDirectory(prefix="lbft-vocab-") as d:
+        shutil.copy(config_dir/"config.json", d)
+        for name in _TOKENIZER_FILES:
+            if (tokenizer_dir/name).is_file(): shutil.copy(tokenizer_dir/name, d)
+        _convert(Path(d), Path(d)/"vocab.gguf", "f32", vocab_only=True)
 
 # %% ../nbs/20_gguf.ipynb #bf9aa652
 @dataclass

@@ -19,7 +19,7 @@ from .dashboard import Dashboard
 from .loading import load_model, base_record
 from .lora import add_lora, checkpointed_layers, recompute_layers
 from .checkpoints import (SaveEveryMinutes, claim_folder, clear_deleted, good_checkpoint, read_mark,
-                                      write_run, _agree)
+                                      write_run, check_resume, _agree)
 
 # %% auto #0
 __all__ = ['MODEL_SETTINGS', 'training_args', 'TrainResult', 'run_record', 'save_adapter', 'TrainingInterrupted', 'finetune',
@@ -218,7 +218,7 @@ def save_adapter(model, # the trained `PeftModel`
     path = Path(path)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
-    base_record(model, cfg.model if cfg is not None else None).save(path)  # the base it was trained on: export checks it
+    base_record(model, cfg.model if cfg is not None else None).save(path)  # the base it trained on: export checks it
     if cfg is not None: save_config(cfg, path/"run_config.yaml")
     return path
 
@@ -379,8 +379,7 @@ def finetune(model, # a `PeftModel` (see `add_lora`)
             ) -> TrainResult:
     "Fine-tune `model` on `train_data` with the live dashboard; saves the adapter to `output_dir/adapter`."
     from transformers import set_seed  # imports torch
-    if resume and overwrite: raise ValueError("resume=True and overwrite=True contradict each other: resume=True "
-                                              "continues the run in output_dir, overwrite=True deletes it; pass one.")
+    check_resume(resume, overwrite)
     cfg = _replace(config or RunConfig(), **overrides)
     set_seed(cfg.seed)
     train_data, train_ds, eval_ds = _datasets(train_data, eval_data, tokenizer, cfg, overrides)
@@ -425,6 +424,7 @@ def train_from_config(cfg:RunConfig, # the run
                       overwrite:bool=False, # replace another run's checkpoints and adapter in `output_dir`
                      ) -> TrainResult:
     "Load the model of `cfg` in its bits, add LoRA, read its data and `finetune`."
+    check_resume(resume, overwrite)
     data = _read_data(cfg)  # before the model loads: a wrong path, sheet or column fails fast
     for name in ("prompt", "response"):
         if getattr(cfg, name) not in data.columns:  # before the model loads
