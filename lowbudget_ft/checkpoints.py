@@ -152,6 +152,14 @@ def checkpoint_problem(path:str|Path, # a `checkpoint-N` folder
     for name in ("optimizer.pt", "scheduler.pt", *sorted(p.name for p in path.glob("rng_state*.pth"))):
         if not (path/name).is_file(): return f"{name} is missing"
         if not zipfile.is_zipfile(path/name): return f"{name} is damaged (truncated?)"
+        try:
+            with zipfile.ZipFile(path/name) as z: bad = z.testzip()  # every member's CRC: a flipped byte shows
+        except (zipfile.BadZipFile, OSError, EOFError) as e: bad = str(e)[:60]
+        if bad: return f"{name} is damaged ({bad} does not match its checksum)"
+    try: ok = isinstance(json.loads((path/"adapter_config.json").read_text()), dict)
+    except FileNotFoundError: return "adapter_config.json is missing"
+    except (ValueError, OSError): ok = False
+    if not ok: return "adapter_config.json is garbled"
     return _weights_problem(path)
 
 def _checkpoint_dirs(output_dir:Path) -> list:

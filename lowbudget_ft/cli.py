@@ -375,9 +375,11 @@ def _answer_tokens(v:str|None, # the value typed after --answer-tokens, or None 
     return n
 
 def _local_config(name:str):
-    "Read a local model folder's config.json first: damaged, it is one line naming it (not a traceback)."
+    "Read a local model's config.json (or .gguf header) first: damaged, it is one line naming it (not a traceback)."
     from lowbudget_ft.train import _read_model_config, _first_line
+    from lowbudget_ft.models import _check_gguf
     p = Path(name).expanduser()
+    if p.is_file(): return _check_gguf(p)  # a .gguf: readable, not cut short
     if not (p/"config.json").is_file(): return
     try: _read_model_config(str(p))
     except (ValueError, MemoryError): raise
