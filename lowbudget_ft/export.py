@@ -10,7 +10,7 @@ from pathlib import Path
 from .core import compute_dtype, gpu_info, fmt_bytes
 from .evaluate import LabelReport, LossReport, _md_table, _peft_or_fail
 from .loading import BASE_RECORD, BaseRecord, base_record, read_base_record, weights_fingerprint
-from .loading import _safetensors_header
+from .loading import _safetensors_header, _weights_folder
 from .checkpoints import staged  # the one way to put a finished folder in place: all of it, or nothing
 
 # %% auto #0
@@ -230,7 +230,7 @@ def _base_shapes(folder:Path) -> dict:
                     if k != "__metadata__" and v["dtype"] in ("F32", "F16", "BF16")})
     return out
 
-def _check_fits(adapter:Path, base:str):
+def _check_fits(adapter:Path, base:Path|None):
     "Refuse, before any weights load, a truncated adapter file or one whose tensors don't fit the base's shapes."
     f = adapter/"adapter_model.safetensors"
     if not f.is_file(): return
@@ -239,7 +239,7 @@ def _check_fits(adapter:Path, base:str):
     if start + end > f.stat().st_size:
         raise ValueError(f"{f} is truncated ({f.stat().st_size:,} of {start + end:,} bytes): copy the adapter again "
                          "(or export a checkpoint of its run).")
-    shapes = _base_shapes(Path(base)) if Path(base).is_dir() else {}
+    shapes = _base_shapes(base) if base else {}
     if not shapes: return
     bad, found = [], 0
     for k, v in header.items():
@@ -259,7 +259,7 @@ def _base_to_load(folder:Path, rec:BaseRecord, base, notes:list) -> str:
     "The base to load: the recorded one with its fingerprint checked, or `base` (the difference noted)."
     from lowbudget_ft.models import model_path
     where = model_path(str(base) if base is not None else rec.path if Path(rec.path).is_dir() else rec.name)
-    fp = weights_fingerprint(where) if Path(where).is_dir() else None
+    fp = weights_fingerprint(where)  # a folder, or a hub id's copy in the local cache
     if base is not None:
         same = rec.fingerprint is not None and fp == rec.fingerprint
         notes.append(f"base {base} given (weights {fp or 'not fingerprinted'}) "
@@ -268,7 +268,7 @@ def _base_to_load(folder:Path, rec:BaseRecord, base, notes:list) -> str:
         raise ValueError(f"the base at {where} (weights {fp or 'not fingerprinted'}) is not the one {folder} was "
                          f"trained on ({rec.describe()}): restore that base, or pass base= (--base) to merge into "
                          "another on purpose.")
-    _check_fits(folder, where)
+    _check_fits(folder, _weights_folder(where))
     return where
 
 # %% ../nbs/19_export.ipynb #567df839

@@ -128,13 +128,21 @@ def _safetensors_header(f:Path) -> tuple:
         raise ValueError(f"{f} is not a readable safetensors file ({str(e)[:80]}): it is truncated or damaged; "
                          "write or copy it again.") from None
 
-def weights_fingerprint(folder:str|Path, # a model folder holding *.safetensors
+def _weights_folder(name:str|Path) -> Path|None:
+    "The local folder of a model's weights: the folder itself, or the hub cache's copy of a hub id (None: neither)."
+    if Path(name).is_dir(): return Path(name)
+    from huggingface_hub import snapshot_download
+    try: return Path(snapshot_download(str(name), local_files_only=True, allow_patterns=["*.json", "*.safetensors"]))
+    except (OSError, ValueError): return None  # not a hub id, or not in the cache
+
+def weights_fingerprint(folder:str|Path, # a model folder holding *.safetensors (or a hub id in the local cache)
                         samples:int=16, # chunks of tensor bytes read from each file
                         chunk:int=4096, # bytes per chunk
                        ) -> str|None:
     "A cheap hash of a model's weights: every safetensors header and `samples` chunks of each file; None without any."
     import hashlib
-    files = sorted(Path(folder).glob("*.safetensors"))
+    where = _weights_folder(folder)
+    files = sorted(where.glob("*.safetensors")) if where else []
     if not files: return None
     h = hashlib.sha256()
     for f in files:
@@ -153,7 +161,7 @@ class BaseRecord:
     "The base an adapter was trained on: its name and folder, a fingerprint of its weights, how it was quantised."
     name: str  # as the run named it ("tiny", a folder, a hub id)
     path: str  # the folder (or hub id) it was loaded from
-    fingerprint: str|None  # `weights_fingerprint` of that folder; None: not a local safetensors folder
+    fingerprint: str|None  # `weights_fingerprint` of its weights; None: no local safetensors (not checked)
     bits: int = 16  # 4 (NF4), 8 (LLM.int8) or 16
     double_quant: bool = False  # NF4 double quantisation
     compute_dtype: str|None = None  # e.g. "float32", "bfloat16"
@@ -189,7 +197,7 @@ def base_record(model, # a loaded model, or a `PeftModel` on top of one
     q = getattr(base.config, "quantization_config", None)
     q = (q if isinstance(q, dict) else q.to_dict()) if q is not None else {}
     bits = 4 if q.get("load_in_4bit") else 8 if q.get("load_in_8bit") else 16
-    return BaseRecord(name or path, path, weights_fingerprint(path) if path and Path(path).is_dir() else None, bits,
+    return BaseRecord(name or path, path, weights_fingerprint(path) if path else None, bits,
                       bool(q.get("bnb_4bit_use_double_quant")) if bits == 4 else False,
                       _dtype_name(q.get("bnb_4bit_compute_dtype") or getattr(base, "dtype", None)),
                       _dtype_name(q.get("bnb_4bit_quant_storage")) if bits == 4 else None)
