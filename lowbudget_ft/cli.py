@@ -527,7 +527,7 @@ def export_command(argv:list|None=None, # arguments after `lowbudget-ft export`
         return 130
     except Exception as e:
         e = _write_error(e, out)
-        if not isinstance(e, (ValueError, OSError, ImportError, MemoryError)): raise
+        if not isinstance(e, (ValueError, OSError, ImportError, MemoryError, RuntimeError)): raise  # (the converter's)
         print(f"lowbudget-ft export: error: {_one_line(e, resumable=False)}", file=sys.stderr)
         return 3 if isinstance(e, MemoryError) else 2
     print(rep.summary())
