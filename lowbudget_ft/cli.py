@@ -474,8 +474,10 @@ def _sigterm_as_interrupt():
     finally: signal.signal(signal.SIGTERM, old)
 
 def _write_error(e:Exception, out:Path) -> Exception:
-    "A safetensors write error carrying an OS error (disk full, file-size limit) as that `OSError` on `out`; else `e`."
+    "A write error as an `OSError` on `out` (not its hidden work folder), safetensors' included; else `e`."
     import re
+    if isinstance(e, OSError) and f".{out.name}.partial-" in str(e.filename or ""):
+        return OSError(e.errno, e.strerror, str(out))
     m = re.search(r"\(os error (\d+)\)|Os \{ code: (\d+)", str(e))
     if not m or "safetensor" not in type(e).__name__.lower(): return e
     code = int(m.group(1) or m.group(2))
