@@ -144,7 +144,9 @@ def check_convertible(config_dir:str|Path, # a folder with the model's config.js
         shutil.copy(config_dir/"config.json", d)
         for name in _TOKENIZER_FILES:
             if (tokenizer_dir/name).is_file(): shutil.copy(tokenizer_dir/name, d)
-        _convert(Path(d), Path(d)/"vocab.gguf", "f32", vocab_only=True)
+        try: _convert(Path(d), Path(d)/"vocab.gguf", "f32", vocab_only=True)
+        except RuntimeError as e:  # name the model, not the temporary folder
+            raise RuntimeError(str(e).replace(d, f"{config_dir} (tokenizer: {tokenizer_dir})")) from None
 
 # %% ../nbs/20_gguf.ipynb #bf9aa652
 @dataclass
