@@ -9,9 +9,9 @@ from pathlib import Path
 from .loading import BASE_RECORD
 
 # %% auto #0
-__all__ = ['BLOWUP', 'RESUME_SETTINGS', 'complete_checkpoints', 'discard', 'staged', 'clear_deleted', 'mark_complete',
-           'DivergedError', 'barrier', 'checkpoint_problem', 'good_checkpoint', 'read_run', 'check_resume',
-           'claim_folder', 'write_run', 'read_mark', 'SaveEveryMinutes']
+__all__ = ['BLOWUP', 'RESUME_SETTINGS', 'complete_checkpoints', 'discard', 'clear_deleted', 'mark_complete', 'DivergedError',
+           'barrier', 'staged', 'checkpoint_problem', 'good_checkpoint', 'read_run', 'check_resume', 'claim_folder',
+           'write_run', 'read_mark', 'SaveEveryMinutes']
 
 # %% ../nbs/11_checkpoints.ipynb #c9222013
 _MARK = "lowbudget_ft.json"
@@ -47,33 +47,6 @@ def _publish(src:Path, dst:Path):
     if dst.exists(): discard(dst)
     os.replace(src, dst)
 
-def _pid_alive(pid:int) -> bool:
-    try: os.kill(pid, 0)
-    except ProcessLookupError: return False
-    except PermissionError: return True  # another user's process
-    return True
-
-def _clear_stale(dst:Path):
-    "Delete the unfinished `.{dst.name}.partial-PID-*` siblings of processes that are gone (killed mid-write)."
-    for p in dst.parent.glob(f".{dst.name}.partial-*"):
-        pid = p.name.rsplit(".partial-", 1)[1].split("-")[0]
-        if not pid.isdigit() or not _pid_alive(int(pid)): shutil.rmtree(p, ignore_errors=True)
-
-@contextlib.contextmanager
-def staged(dst:str|Path, # the folder to write (replaced when it exists: check that first)
-          ):
-    ("Yield a new hidden sibling of `dst` to write into; publish it as `dst` in one rename when the block ends, "
-     "delete it on any error or interrupt. What a killed process left is deleted by the next one.")
-    dst = Path(dst)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    _clear_stale(dst)
-    tmp = dst.with_name(f".{dst.name}.partial-{os.getpid()}-{time.time_ns()}")
-    tmp.mkdir()
-    try:
-        yield tmp
-        _publish(tmp, dst)
-    finally: shutil.rmtree(tmp, ignore_errors=True)
-
 def clear_deleted(output_dir:str|Path, # a run's output folder
                  ):
     "Finish deleting what a killed clean-up left (`.deleting-*` folders)."
@@ -102,6 +75,35 @@ def barrier(args):
     if args.world_size > 1:
         import torch.distributed as dist
         dist.barrier()
+
+# %% ../nbs/11_checkpoints.ipynb #9b95223f
+def _pid_alive(pid:int) -> bool:
+    try: os.kill(pid, 0)
+    except ProcessLookupError: return False
+    except PermissionError: return True  # another user's process
+    return True
+
+def _clear_stale(dst:Path):
+    "Delete the unfinished `.{dst.name}.partial-PID-*` siblings of processes that are gone (killed mid-write)."
+    for p in dst.parent.glob(f".{dst.name}.partial-*"):
+        pid = p.name.rsplit(".partial-", 1)[1].split("-")[0]
+        if not pid.isdigit() or not _pid_alive(int(pid)): shutil.rmtree(p, ignore_errors=True)
+
+@contextlib.contextmanager
+def staged(dst:str|Path, # the folder to write (replaced when it exists: check that first)
+          ):
+    ("Yield a new hidden sibling of `dst` to write into; publish it as `dst` in one rename when the block ends, "
+     "delete it on any error or interrupt. What a killed process left is deleted by the next one.")
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    _clear_stale(dst)
+    tmp = dst.with_name(f".{dst.name}.partial-{os.getpid()}-{time.time_ns()}")
+    tmp.mkdir()
+    try:
+        yield tmp
+        _publish(tmp, dst)
+    finally: shutil.rmtree(tmp, ignore_errors=True)
+
 
 # %% ../nbs/11_checkpoints.ipynb #93897225
 _RUN = "lowbudget_run.json"  # the run that owns an output folder: its id, identity and whether it finished
