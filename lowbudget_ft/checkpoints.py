@@ -6,11 +6,12 @@
 from __future__ import annotations
 import contextlib, json, math, os, shutil, time
 from pathlib import Path
+from .loading import BASE_RECORD
 
 # %% auto #0
 __all__ = ['BLOWUP', 'RESUME_SETTINGS', 'complete_checkpoints', 'discard', 'clear_deleted', 'mark_complete', 'DivergedError',
-           'barrier', 'checkpoint_problem', 'good_checkpoint', 'read_run', 'claim_folder', 'write_run', 'read_mark',
-           'SaveEveryMinutes']
+           'barrier', 'staged', 'checkpoint_problem', 'good_checkpoint', 'read_run', 'check_resume', 'claim_folder',
+           'write_run', 'read_mark', 'SaveEveryMinutes']
 
 # %% ../nbs/11_checkpoints.ipynb #c9222013
 _MARK = "lowbudget_ft.json"
@@ -58,6 +59,8 @@ def mark_complete(checkpoint:str|Path, # a `checkpoint-N` folder whose files are
                  ):
     "Write `checkpoint`'s marker last, in one rename, then delete all but the newest `keep` complete checkpoints."
     ckpt = Path(checkpoint)
+    base = ckpt.parent/BASE_RECORD  # the base the run trains on (finetune writes it): the checkpoint keeps a copy
+    if base.is_file(): shutil.copyfile(base, ckpt/BASE_RECORD)
     tmp = ckpt/f".{_MARK}.tmp"
     tmp.write_text(json.dumps(mark))
     os.replace(tmp, ckpt/_MARK)  # from here on the checkpoint is complete
@@ -72,6 +75,35 @@ def barrier(args):
     if args.world_size > 1:
         import torch.distributed as dist
         dist.barrier()
+
+# %% ../nbs/11_checkpoints.ipynb #9b95223f
+def _pid_alive(pid:int) -> bool:
+    try: os.kill(pid, 0)
+    except ProcessLookupError: return False
+    except PermissionError: return True  # another user's process
+    return True
+
+def _clear_stale(dst:Path):
+    "Delete the unfinished `.{dst.name}.partial-PID-*` siblings of processes that are gone (killed mid-write)."
+    for p in dst.parent.glob(f".{dst.name}.partial-*"):
+        pid = p.name.rsplit(".partial-", 1)[1].split("-")[0]
+        if not pid.isdigit() or not _pid_alive(int(pid)): shutil.rmtree(p, ignore_errors=True)
+
+@contextlib.contextmanager
+def staged(dst:str|Path, # the folder to write (replaced when it exists: check that first)
+          ):
+    ("Yield a new hidden sibling of `dst` to write into; publish it as `dst` in one rename when the block ends, "
+     "delete it on any error or interrupt. What a killed process left is deleted by the next one.")
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    _clear_stale(dst)
+    tmp = dst.with_name(f".{dst.name}.partial-{os.getpid()}-{time.time_ns()}")
+    tmp.mkdir()
+    try:
+        yield tmp
+        _publish(tmp, dst)
+    finally: shutil.rmtree(tmp, ignore_errors=True)
+
 
 # %% ../nbs/11_checkpoints.ipynb #93897225
 _RUN = "lowbudget_run.json"  # the run that owns an output folder: its id, identity and whether it finished
@@ -122,6 +154,14 @@ def checkpoint_problem(path:str|Path, # a `checkpoint-N` folder
     for name in ("optimizer.pt", "scheduler.pt", *sorted(p.name for p in path.glob("rng_state*.pth"))):
         if not (path/name).is_file(): return f"{name} is missing"
         if not zipfile.is_zipfile(path/name): return f"{name} is damaged (truncated?)"
+        try:
+            with zipfile.ZipFile(path/name) as z: bad = z.testzip()  # every member's CRC: a flipped byte shows
+        except (zipfile.BadZipFile, OSError, EOFError) as e: bad = str(e)[:60]
+        if bad: return f"{name} is damaged ({bad} does not match its checksum)"
+    try: ok = isinstance(json.loads((path/"adapter_config.json").read_text()), dict)
+    except FileNotFoundError: return "adapter_config.json is missing"
+    except (ValueError, OSError): ok = False
+    if not ok: return "adapter_config.json is garbled"
     return _weights_problem(path)
 
 def _checkpoint_dirs(output_dir:Path) -> list:
@@ -158,6 +198,13 @@ def _holds_run(output_dir:Path) -> list:
 def _differences(old:dict, new:dict) -> list:
     "`key: old → new` for every identity setting that differs."
     return [f"{k} {old.get(k)!r} → {new.get(k)!r}" for k in new if k in old and old[k] != new[k]]
+
+def check_resume(resume:bool, # continue the run in the folder
+                 overwrite:bool, # discard the run in the folder
+                ):
+    "Refuse `resume` and `overwrite` together: one continues the run in the folder, the other deletes it."
+    if resume and overwrite: raise ValueError("resume=True and overwrite=True contradict each other: resume=True "
+                                              "continues the run in output_dir, overwrite=True deletes it; pass one.")
 
 def claim_folder(output_dir:str|Path, # the run's output folder
                  identity:dict, # what makes the run this run: model, data fingerprint, settings that matter

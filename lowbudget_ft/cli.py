@@ -4,7 +4,7 @@
 
 # %% ../nbs/21_cli.ipynb #3521e7e0
 from __future__ import annotations
-import argparse, json, os, shutil, sys, tempfile, time, warnings
+import argparse, contextlib, json, os, shutil, signal, sys, tempfile, threading, time, warnings
 from pathlib import Path
 from .core import gpu_info, memory_stats, fmt_bytes
 from .memory import GPUS, plan_memory, longest_table
@@ -294,7 +294,17 @@ DEMO_FLAGS = dict(max_steps="--steps", warmup_ratio="--warmup", max_seq_len="--m
                   lr="--lr", rank="--rank", seed="--seed", bits="--bits", prompt="--prompt", response="--response",
                   output_dir="--out", model="--model", data="--data", instruction="--instruction")
 
-def _one_line(e:BaseException, flags:dict|None=None, where:str|None=None) -> str:
+_WRITE_FAILS = {"ENOSPC": ("disk full", "Free space or choose another folder"),
+                "EDQUOT": ("disk quota exceeded", "Free space or choose another folder"),
+                "EROFS": ("read-only file system", "Choose a folder you can write to"),
+                "EFBIG": ("a file is larger than the file-size limit", "Raise the limit (ulimit -f) or choose "
+                                                                       "another folder"),
+                "EACCES": ("permission denied", "Choose a folder you can write to"),
+                "EPERM": ("permission denied", "Choose a folder you can write to")}
+
+def _one_line(e:BaseException, flags:dict|None=None, where:str|None=None,
+              resumable:bool=True, # a write failure says "run again with --resume"
+             ) -> str:
     ("`e` as one line for a terminal user: settings named as typed (a flag, or the config file's key), Python hints "
      "as flags.")
     import errno
@@ -302,11 +312,10 @@ def _one_line(e:BaseException, flags:dict|None=None, where:str|None=None) -> str
     if isinstance(e, SettingError):
         msg = e.named(flags[e.setting] if flags and e.setting in flags else f"{where}: {e.setting}" if where
                       else e.setting)
-    elif isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT):
-        what = {errno.ENOSPC: "disk full", errno.EDQUOT: "disk quota exceeded",
-                errno.EROFS: "read-only file system"}.get(e.errno, "permission denied")
-        msg = (f"can't write {e.filename or 'the output'}: {what}. Free space or choose another folder, then run "
-               "again (with --resume to continue).")
+    elif isinstance(e, OSError) and errno.errorcode.get(e.errno) in _WRITE_FAILS:
+        what, fix = _WRITE_FAILS[errno.errorcode[e.errno]]
+        msg = (f"can't write {e.filename or 'the output'}: {what}. {fix}, then run again"
+               + (" (with --resume to continue)." if resumable else "."))
     else: msg = str(e.args[0]) if e.args and isinstance(e.args[0], str) else str(e) or type(e).__name__
     msg = msg.replace("resume=True", "--resume").replace("overwrite=True", "--overwrite")
     return " ".join(msg.split())  # one line
@@ -365,6 +374,19 @@ def _answer_tokens(v:str|None, # the value typed after --answer-tokens, or None 
                                "per sequence, e.g. --answer-tokens 16")
     return n
 
+def _local_config(name:str):
+    "Read a local model's config.json (or .gguf header) first: damaged, it is one line naming it (not a traceback)."
+    from lowbudget_ft.train import _read_model_config, _first_line
+    from lowbudget_ft.models import _check_gguf
+    p = Path(name).expanduser()
+    if p.is_file(): return _check_gguf(p)  # a .gguf: readable, not cut short
+    if not (p/"config.json").is_file(): return
+    try: _read_model_config(str(p))
+    except (ValueError, MemoryError): raise
+    except Exception as e:  # huggingface_hub's strict type checks of the fields raise their own errors
+        raise ValueError(f"the model config in {p} can't be read ({_first_line(e)}): restore config.json "
+                         "(save_pretrained writes it).") from None
+
 def plan_command(argv:list[str]|None=None, # arguments after `lowbudget-ft plan`
                 ) -> int:
     "The `lowbudget-ft plan` command: print the plan; exit 0 if it fits, 3 if not, 2 on bad input."
@@ -385,13 +407,14 @@ def plan_command(argv:list[str]|None=None, # arguments after `lowbudget-ft plan`
     try: a = ap.parse_args(argv)
     except SystemExit as e: return 0 if e.code == 0 else 2
     try:
+        _local_config(a.model)
         plan = plan_memory(a.model, method=a.method, bits=a.bits, double_quant=not a.no_double_quant, rank=a.rank,
                            batch_size=a.batch_size, max_seq_len=a.max_seq_len,
                            gradient_checkpointing="offload" if a.offload else not a.no_checkpointing,
                            optimizer=a.optimizer,
                            answer_tokens=_answer_tokens(a.answer_tokens), gpu=a.gpu)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"lowbudget-ft plan: {e}", file=sys.stderr); return 2
+    except (ValueError, OSError) as e:
+        print(f"lowbudget-ft plan: {_one_line(e)}", file=sys.stderr); return 2
     if a.longest: return _print_longest(plan, a.json)
     print(json.dumps(plan.to_dict(), indent=1, default=str) if a.json else str(plan))
     return 0 if plan.fits else 3
@@ -461,37 +484,81 @@ def train_command(argv:list|None=None, # arguments after `lowbudget-ft train`
     return code
 
 # %% ../nbs/21_cli.ipynb #ebf69986
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    "Inside: SIGTERM (a `kill`, a job scheduler) raises `KeyboardInterrupt('SIGTERM')`, so clean-up runs as on Ctrl-C."
+    if threading.current_thread() is not threading.main_thread(): yield; return
+    def stop(signum, frame): raise KeyboardInterrupt("SIGTERM")
+    old = signal.signal(signal.SIGTERM, stop)
+    try: yield
+    finally: signal.signal(signal.SIGTERM, old)
+
+def _write_error(e:Exception, out:Path) -> Exception:
+    "A write error as an `OSError` on `out` (not its hidden work folder), safetensors' included; else `e`."
+    import re
+    if isinstance(e, OSError) and f".{out.name}.partial-" in str(e.filename or ""):
+        return OSError(e.errno, e.strerror, str(out))
+    m = re.search(r"\(os error (\d+)\)|Os \{ code: (\d+)", str(e))
+    if not m or "safetensor" not in type(e).__name__.lower(): return e
+    code = int(m.group(1) or m.group(2))
+    return OSError(code, os.strerror(code), str(out))
+
+def _export(a, out:Path):
+    "`(merge report, GGUF path or None, GGUF error or None)`: everything written in a hidden folder, then published."
+    from lowbudget_ft.export import merge_and_save, trained_base
+    from lowbudget_ft.gguf import export_gguf, check_convertible
+    from lowbudget_ft.checkpoints import staged
+    tb = trained_base(a.adapter, a.base)  # the base it was trained on, checked: one line when it is not there
+    try:
+        if a.gguf and Path(tb.model).is_dir(): check_convertible(tb.model, tb.adapter)  # before the merge
+        with staged(out) as work:
+            rep, f, err = merge_and_save(tb, work/"merged", into=a.into), None, None
+            if a.gguf:
+                try: f = out/"gguf"/export_gguf(work/"merged", work/"gguf", quant=a.gguf).name
+                except RuntimeError as e: err = e  # the merged model is still published
+        return rep, f, err
+    finally: tb.close()
+
+# %% ../nbs/21_cli.ipynb #7d0f33c1
 def export_command(argv:list|None=None, # arguments after `lowbudget-ft export`
                   ) -> int:
-    ("`lowbudget-ft export ADAPTER OUT [--gguf QUANT] [--into trained|original] [--overwrite]`; exit 0 done, 2 bad "
-     "input.")
-    from lowbudget_ft.export import merge_and_save, _check_out_dir
-    from lowbudget_ft.gguf import QUANTS, CONVERTER_INSTALL, export_gguf
-    from lowbudget_ft.models import require
-    p = argparse.ArgumentParser(prog="lowbudget-ft export", description="Merge a LoRA adapter into its base as trained "
-                                "(checked), and write a GGUF with an Ollama Modelfile.")
-    p.add_argument("adapter", help="the adapter folder a run wrote (OUTPUT_DIR/adapter)")
+    ("`lowbudget-ft export ADAPTER OUT [--gguf QUANT] [--into trained|original] [--base BASE] [--overwrite]`; exit 0 "
+     "done, 2 bad input, 130 interrupted (nothing written).")
+    from lowbudget_ft.export import _check_out_dir
+    from lowbudget_ft.gguf import QUANTS
+    p = argparse.ArgumentParser(prog="lowbudget-ft export", description="Merge a LoRA adapter into the base it was "
+                                "trained on, as trained (checked), and write a GGUF with an Ollama Modelfile.")
+    p.add_argument("adapter", help="the adapter folder a run wrote (OUTPUT_DIR/adapter) or one of its checkpoints")
     p.add_argument("out", help="a new folder: OUT/merged gets the merged model, OUT/gguf the GGUF")
     p.add_argument("--gguf", choices=QUANTS, default=None, help="also write a GGUF of this type for llama.cpp / Ollama")
     p.add_argument("--into", choices=("trained", "original"), default="trained",
                    help="merge into the base as training saw it (default) or its unquantised weights")
+    p.add_argument("--base", default=None, help="merge into this base instead of the one the adapter records (said "
+                                                "in the report and the model card)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT")
     a = p.parse_args(argv)
     _quiet_libraries()
+    out = Path(a.out)
     try:
-        out, adapter = Path(a.out), Path(a.adapter)
-        if not (adapter/"adapter_config.json").is_file():
-            raise FileNotFoundError(f"{adapter} is not an adapter folder (no adapter_config.json): pass the folder a "
-                                    "run "
-                                    "wrote, OUTPUT_DIR/adapter.")
-        _check_out_dir(out, a.overwrite, "OUT")
-        if a.gguf: require({"convert_hf_to_gguf": "convert-hf-to-gguf"}, CONVERTER_INSTALL, "--gguf")  # before merging
-        rep = merge_and_save(adapter, out/"merged", into=a.into, overwrite=a.overwrite)
-        print(rep.summary())
-        if a.gguf:
-            f = export_gguf(out/"merged", out/"gguf", quant=a.gguf)
-            print(f"GGUF: {f}; for Ollama: ollama create NAME -f {f.parent/'Modelfile'}")
-    except (ValueError, OSError, ImportError, MemoryError, KeyboardInterrupt) as e: return _fail("export", e)
+        with _sigterm_as_interrupt():
+            _check_out_dir(out, a.overwrite, "OUT")
+            rep, f, err = _export(a, out)
+    except KeyboardInterrupt as e:
+        print(f"lowbudget-ft export: interrupted ({'SIGTERM' if e.args == ('SIGTERM',) else 'Ctrl-C'}); nothing was "
+              f"written ({out} is as it was): run the same command again.", file=sys.stderr)
+        return 130
+    except Exception as e:
+        e = _write_error(e, out)
+        if not isinstance(e, (ValueError, OSError, ImportError, MemoryError, RuntimeError)): raise  # (the converter's)
+        print(f"lowbudget-ft export: error: {_one_line(e, resumable=False)}", file=sys.stderr)
+        return 3 if isinstance(e, MemoryError) else 2
+    print(rep.summary())
+    for n in rep.notes: print(f"  - {n}")
+    if err:
+        print(f"lowbudget-ft export: error: {_one_line(err)} The merged model is kept in {out/'merged'}.",
+              file=sys.stderr)
+        return 2
+    if f: print(f"GGUF: {f}; for Ollama: ollama create NAME -f {f.parent/'Modelfile'}")
     return 0
 
 # %% ../nbs/21_cli.ipynb #evalcmd2

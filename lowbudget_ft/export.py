@@ -4,17 +4,19 @@
 
 # %% ../nbs/19_export.ipynb #5dc3d874
 from __future__ import annotations
-import json, shutil, tempfile
+import dataclasses, json, shutil, tempfile, warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from .core import compute_dtype, gpu_info, fmt_bytes
 from .evaluate import LabelReport, LossReport, _md_table, _peft_or_fail
-from .checkpoints import _publish  # one way to put a finished folder in place: a rename, never half-written
+from .loading import BASE_RECORD, BaseRecord, base_record, read_base_record, weights_fingerprint
+from .loading import _safetensors_header, _weights_folder
+from .checkpoints import staged  # the one way to put a finished folder in place: all of it, or nothing
 
 # %% auto #0
 __all__ = ['MERGE_TOL', 'MIN_LABEL_AGREEMENT', 'CHECK_PROMPTS', 'write_model_card', 'export_adapter', 'push_adapter',
-           'MergeReport', 'trained_settings', 'MergePlace', 'merge_place', 'check_merge', 'merge_and_save',
-           'load_adapter']
+           'MergeReport', 'TrainedBase', 'trained_base', 'trained_settings', 'MergePlace', 'merge_place', 'check_merge',
+           'merge_and_save', 'load_adapter']
 
 # %% ../nbs/19_export.ipynb #8535a3e5
 def _fmt_metric(v) -> str:
@@ -78,14 +80,10 @@ def export_adapter(model, # the trained `PeftModel`
     _peft_or_fail(model, "export_adapter()")
     path = Path(path)
     _check_out_dir(path, overwrite, "path")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
-    try:
+    with staged(path) as tmp:
         save_adapter(model, tokenizer, tmp, config)
         base = model.peft_config[model.active_adapter].base_model_name_or_path
         write_model_card(tmp, base, data, config, metrics)
-        _publish(tmp, path)
-    finally: shutil.rmtree(tmp, ignore_errors=True)
     return path
 
 # %% ../nbs/19_export.ipynb #2ef78176
@@ -145,73 +143,167 @@ class MergeReport:
     def _repr_markdown_(self): return self.summary() + "".join(f"\n- {n}" for n in self.notes)
 
 # %% ../nbs/19_export.ipynb #e3026624
-def _adapter_dir(adapter) -> tuple:
-    "`(adapter folder, temp folder to delete or None)` for a folder or an in-memory `PeftModel`."
-    if isinstance(adapter, (str, Path)):
-        p = Path(adapter)
-        if not p.is_dir(): raise FileNotFoundError(f"adapter folder {p} does not exist: pass the folder finetune() "
-                                                   "reported as adapter_path.")
-        if not (p/"adapter_config.json").exists():
-            kind = ("a plain model folder (config.json, no adapter_config.json)" if (p/"config.json").exists()
-                    else "no adapter_config.json")
-            raise ValueError(f"{p} has no adapter to merge ({kind}): pass the folder written by save_adapter / "
-                             "finetune.")
-        return p, None
-    _peft_or_fail(adapter, "merge_and_save()")
-    tmp = Path(tempfile.mkdtemp(prefix="lbft-adapter-"))
-    adapter.save_pretrained(tmp)
-    # the quantisation it was trained on
-    for k, v in _in_memory_run(adapter).items(): (tmp/f".{k}").write_text(json.dumps(v))
-    return tmp, tmp
+@dataclass
+class TrainedBase:
+    "An adapter and the base it was trained on: read once by `trained_base`, then passed to every step of an export."
+    adapter: Path  # the adapter folder
+    record: BaseRecord  # the base as trained: as the run recorded it, or as assumed for an older adapter
+    model: str  # what is loaded as the base: the recorded one (its fingerprint checked), or the `base=` override
+    recorded: bool  # False: the adapter records nothing, `record` is assumed (see `notes`)
+    instruction: str|None = None  # the run's instruction (its run_config.yaml)
+    notes: list = field(default_factory=list)  # what was assumed or overridden: shown in the report and model card
+    temp: Path|None = None  # a temporary copy of an in-memory adapter, deleted by `close`
+    _tok: object = field(default=None, repr=False)
 
-def _in_memory_run(model) -> dict:
-    "`bits` and `double_quant` of the base under an in-memory `PeftModel`, from its quantisation config."
-    q = getattr(model.get_base_model().config, "quantization_config", None)
-    if q is None: return {"bits": 16}
-    q = q if isinstance(q, dict) else q.to_dict()
-    if q.get("load_in_4bit"): return {"bits": 4, "double_quant": bool(q.get("bnb_4bit_use_double_quant"))}
-    return {"bits": 8} if q.get("load_in_8bit") else {"bits": 16}
+    @property
+    def tokenizer(self):
+        "The tokenizer saved beside the adapter (else the base's), with a pad token."
+        from lowbudget_ft.loading import load_tokenizer
+        if self._tok is None:
+            self._tok = load_tokenizer(self.adapter if (self.adapter/"tokenizer_config.json").exists() else self.model)
+        return self._tok
+
+    def load(self, how:str="trained", # "trained": quantised as in training; "dequantised": those weights in
+             # plain `dtype`; "original": its unquantised weights in `dtype`
+             dtype=None, # dtype of "dequantised"/"original" (None: the card's); "trained" computes in the recorded one
+             device:str|None=None, # "cuda"/"cpu"; None = the GPU, or the CPU
+            ):
+        "The base model, loaded as `how` says."
+        import logging, torch
+        from lowbudget_ft.loading import load_model
+        bits = 16 if how == "original" else self.record.bits
+        trained_dt = getattr(torch, self.record.compute_dtype or "", None) if how == "trained" else None
+        kw = {"device_map": device} if device else {}
+        model = load_model(self.model, bits=bits, double_quant=self.record.double_quant, dtype=trained_dt or dtype,
+                           check_fit=False, **kw)[0].eval()
+        if how != "dequantised" or bits == 16: return model
+        tlog = logging.getLogger("transformers.quantizers.base"); lvl = tlog.level; tlog.setLevel(logging.ERROR)
+        try: model = model.dequantize()  # each Linear4bit -> nn.Linear holding bnb's dequantised weight
+        finally: tlog.setLevel(lvl)
+        return model.to(dtype or compute_dtype()).eval()
+
+    def close(self):
+        "Delete the temporary copy of an in-memory adapter."
+        if self.temp: shutil.rmtree(self.temp, ignore_errors=True)
+
+# %% ../nbs/19_export.ipynb #7f6b0170
+def _adapter_folder(adapter) -> tuple:
+    "`(adapter folder, temporary folder or None)`: a folder checked, or an in-memory `PeftModel` saved with its record."
+    if not isinstance(adapter, (str, Path)):
+        _peft_or_fail(adapter, "merge_and_save()")
+        tmp = Path(tempfile.mkdtemp(prefix="lbft-adapter-"))
+        adapter.save_pretrained(tmp); base_record(adapter).save(tmp)
+        return tmp, tmp
+    p = Path(adapter)
+    if not p.is_dir(): raise FileNotFoundError(f"adapter folder {p} does not exist: pass the folder finetune() "
+                                               "reported as adapter_path.")
+    if not (p/"adapter_config.json").exists():
+        kind = ("a plain model folder (config.json, no adapter_config.json)" if (p/"config.json").exists()
+                else "no adapter_config.json")
+        raise ValueError(f"{p} has no adapter to merge ({kind}): pass the folder written by save_adapter / finetune.")
+    return p, None
+
+def _run_yaml(folder:Path) -> dict:
+    "`bits`, `double_quant` and `instruction` from the folder's run_config.yaml ({} without one)."
+    import yaml
+    if not (folder/"run_config.yaml").exists(): return {}
+    try: d = yaml.safe_load((folder/"run_config.yaml").read_text()) or {}
+    except yaml.YAMLError as e: raise ValueError(f"{folder/'run_config.yaml'} is garbled ({str(e).splitlines()[0]}): "
+                                                 "restore it or delete it.") from None
+    return {k: d[k] for k in ("bits", "double_quant", "instruction") if k in d}
+
+def _assumed(folder:Path, run:dict) -> tuple:
+    "`(record, note)` for an adapter written before bases were recorded: its adapter_config and run_config.yaml."
+    name = json.loads((folder/"adapter_config.json").read_text()).get("base_model_name_or_path") or ""
+    rec = BaseRecord(name, name, None, run.get("bits", 16), run.get("double_quant", True) if run.get("bits") == 4
+                     else False)
+    why = "its run_config.yaml" if "bits" in run else "nothing recorded: pass bits=4 (--bits 4) for a QLoRA adapter"
+    return rec, (f"{folder} records no base ({BASE_RECORD}: an older adapter): assumed {rec.describe()} from "
+                 f"{why}; its weights are not checked")
+
+# %% ../nbs/19_export.ipynb #eacc7f85
+def _base_shapes(folder:Path) -> dict:
+    "Tensor name -> (shape, dtype) of every floating-point tensor in a model folder's safetensors headers."
+    out = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        out.update({k: (v["shape"], v["dtype"]) for k, v in _safetensors_header(f)[0].items()
+                    if k != "__metadata__" and v["dtype"] in ("F32", "F16", "BF16")})
+    return out
+
+def _check_fits(adapter:Path, base:Path|None):
+    "Refuse, before any weights load, a truncated adapter file or one whose tensors don't fit the base's shapes."
+    f = adapter/"adapter_model.safetensors"
+    if not f.is_file(): return
+    header, start = _safetensors_header(f)
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if start + end > f.stat().st_size:
+        raise ValueError(f"{f} is truncated ({f.stat().st_size:,} of {start + end:,} bytes): copy the adapter again "
+                         "(or export a checkpoint of its run).")
+    shapes = _base_shapes(base) if base else {}
+    if not shapes: return
+    bad, found = [], 0
+    for k, v in header.items():
+        if k == "__metadata__": continue
+        name = k.removeprefix("base_model.model.")
+        mod, lora, part = name.partition(".lora_")
+        want = shapes.get(f"{mod}.weight" if lora else name.replace(".modules_to_save.default", ""), (None,))[0]
+        if want is None: continue
+        found += 1
+        dim, got = (1, v["shape"][1]) if part.startswith("A.") else (0, v["shape"][0])
+        if (want[dim] if lora else want) != (got if lora else v["shape"]): bad.append(name)
+    if bad or not found:
+        raise ValueError(f"the adapter {adapter} does not fit the base {base} (another architecture or size: "
+                         f"{bad[0] if bad else 'none of its modules exist there'}): pass the base it was trained on.")
+
+def _base_to_load(folder:Path, rec:BaseRecord, base, notes:list) -> str:
+    "The base to load: the recorded one with its fingerprint checked, or `base` (the difference noted)."
+    from lowbudget_ft.models import model_path
+    where = model_path(str(base) if base is not None else rec.path if Path(rec.path).is_dir() else rec.name)
+    fp = weights_fingerprint(where)  # a folder, or a hub id's copy in the local cache
+    if base is not None:
+        same = rec.fingerprint is not None and fp == rec.fingerprint
+        notes.append(f"base {base} given (weights {fp or 'not fingerprinted'}) "
+                     + ("" if same else f"instead of the recorded {rec.describe()}"))
+    elif rec.fingerprint and fp != rec.fingerprint:
+        raise ValueError(f"the base at {where} (weights {fp or 'not fingerprinted'}) is not the one {folder} was "
+                         f"trained on ({rec.describe()}): restore that base, or pass base= (--base) to merge into "
+                         "another on purpose.")
+    _check_fits(folder, _weights_folder(where))
+    return where
+
+# %% ../nbs/19_export.ipynb #567df839
+def trained_base(adapter, # an adapter folder (or checkpoint folder), or an in-memory `PeftModel`
+                 base:str|None=None, # merge into this base instead of the recorded one (recorded in the notes)
+                 bits:int|None=None, # override the recorded bits (4, 8, 16)
+                ) -> TrainedBase:
+    "The adapter and the base it was trained on, from its record (`lowbudget_base.json`), checked: the one reading."
+    folder, temp = _adapter_folder(adapter)
+    try:
+        run, notes = _run_yaml(folder), []
+        rec = read_base_record(folder)
+        recorded = rec is not None
+        if rec is None: rec, note = _assumed(folder, run); notes.append(note)
+        if bits is not None and bits != rec.bits:
+            notes.append(f"bits={bits} given: the base is loaded in {bits} bits, not the {rec.bits} recorded")
+            rec = dataclasses.replace(rec, bits=bits, double_quant=rec.double_quant if bits == 4 else False)
+        model = _base_to_load(folder, rec, base, notes)
+        return TrainedBase(folder, rec, model, recorded, run.get("instruction"), notes, temp)
+    except BaseException:
+        if temp: shutil.rmtree(temp, ignore_errors=True)
+        raise
 
 def trained_settings(adapter:str|Path, # an adapter folder
                     ) -> dict:
-    ("How the adapter's run loaded its base -- `bits`, `double_quant`, `instruction`, `recorded` -- from "
-     "`run_config.yaml` (bits 16 when not recorded).")
-    adapter = Path(adapter)
-    out = {"bits": 16, "double_quant": True, "instruction": None, "recorded": False}
-    if (adapter/"run_config.yaml").exists():
-        import yaml
-        d = yaml.safe_load((adapter/"run_config.yaml").read_text()) or {}
-        out.update({k: d[k] for k in ("bits", "double_quant", "instruction") if k in d}, recorded=True)
-    for k in ("bits", "double_quant"):
-        if (adapter/f".{k}").exists(): out[k], out["recorded"] = json.loads((adapter/f".{k}").read_text()), True
-    return out
+    "How the adapter's base was loaded (`bits`, `double_quant`, `instruction`, `recorded`): a view of `trained_base`."
+    tb = trained_base(adapter)
+    return dict(bits=tb.record.bits, double_quant=tb.record.double_quant, instruction=tb.instruction,
+                recorded=tb.recorded)
 
-def _base_name(name) -> str:
-    "A base recorded in the adapter as `from_pretrained` takes it ('tiny', 'smollm2' and .gguf files resolved)."
-    from lowbudget_ft.models import model_path
-    return model_path(str(name))
-
-def _load_16bit(name, dtype, device:str|None=None):
-    "A model loaded unquantised in `dtype` on `device` (default: the GPU, or the CPU)."
+def _load_merged(folder, dtype, device:str|None=None):
+    "A merged model folder, as plain transformers loads it."
     from transformers import AutoModelForCausalLM
     device = device or ("cuda" if gpu_info().is_cuda else "cpu")
-    return AutoModelForCausalLM.from_pretrained(_base_name(name), dtype=dtype, device_map=device).eval()
-
-def _load_as_trained(name, bits:int, double_quant:bool, device:str|None=None):
-    "The base exactly as training loaded it: quantised to `bits` (NF4 / LLM.int8) in the card's compute dtype."
-    from lowbudget_ft.loading import load_model
-    kw = {"device_map": device} if device else {}
-    return load_model(name, bits=bits, double_quant=double_quant, check_fit=False, **kw)[0].eval()
-
-def _dequantised_base(name, bits:int, double_quant:bool, dtype, device:str|None=None):
-    "The quantised base as training saw it, its 4/8-bit weights dequantised (bitsandbytes) to plain `dtype` linears."
-    import logging
-    model = _load_as_trained(name, bits, double_quant, device)
-    tlog = logging.getLogger("transformers.quantizers.base"); lvl = tlog.level; tlog.setLevel(logging.ERROR)
-    # transformers: each Linear4bit -> nn.Linear holding bnb.functional.dequantize_4bit(weight)
-    try: model = model.dequantize()
-    finally: tlog.setLevel(lvl)
-    return model.to(dtype).eval()
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, device_map=device).eval()
 
 def _logits(model, tokenizer, prompts:list, instruction=None, template=None):
     "Last-layer logits for each prompt (formatted as in training), as float32 on the CPU."
@@ -226,16 +318,6 @@ def _logits(model, tokenizer, prompts:list, instruction=None, template=None):
     return out
 
 def _max_diff(a:list, b:list) -> float: return max(float((x - y).abs().max()) for x, y in zip(a, b))
-
-def _adapter_tokenizer(adapter:Path, base:str):
-    "The tokenizer saved beside the adapter (else the base model's), with a pad token."
-    from lowbudget_ft.loading import load_tokenizer
-    return load_tokenizer(adapter if (adapter/"tokenizer_config.json").exists() else base)
-
-def _base_and_tokenizer(adapter:Path, base):
-    "The base model name (recorded in the adapter unless given) and the tokenizer."
-    base = base or json.loads((adapter/"adapter_config.json").read_text())["base_model_name_or_path"]
-    return base, _adapter_tokenizer(adapter, base)
 
 # %% ../nbs/19_export.ipynb #9f78a629
 @dataclass
@@ -273,16 +355,16 @@ def merge_place(base, # the base model: preset name, local path, hub id or `Pret
     return MergePlace("cuda" if needs <= budget else "cpu", needs, budget, card)
 
 # %% ../nbs/19_export.ipynb #a72adf9b
-def _reference(adapter:Path, base, run:dict, against:str, dtype, device=None):
-    ("`(model, description)`: the trained model (the base as training loaded it + adapter), or the 16-bit base + "
-     "adapter.")
+def _reference(tb:TrainedBase, against:str, dtype, device=None):
+    "`(model, description)`: the trained model (the base as the record says training loaded it + adapter), or 16-bit."
     from peft import PeftModel
     if against not in ("trained", "original"): raise ValueError(f"against={against!r}: use 'trained' (the model as "
                                                                 "trained) or 'original' (16-bit base + adapter).")
-    if against == "trained" and run["bits"] < 16:
-        what = f"the trained model ({run['bits']}-bit {'NF4' if run['bits'] == 4 else 'LLM.int8'} base + adapter)"
-        return PeftModel.from_pretrained(_load_as_trained(base, run["bits"], run["double_quant"]), adapter).eval(), what
-    return PeftModel.from_pretrained(_load_16bit(base, dtype, device), adapter).eval(), "the 16-bit base + adapter"
+    bits = tb.record.bits
+    if against == "trained" and bits < 16:
+        what = f"the trained model ({bits}-bit {'NF4' if bits == 4 else 'LLM.int8'} base + adapter)"
+        return PeftModel.from_pretrained(tb.load("trained"), tb.adapter).eval(), what
+    return PeftModel.from_pretrained(tb.load("original", dtype, device), tb.adapter).eval(), "the 16-bit base + adapter"
 
 def _answers(model, tok, prompts, labels, instruction, template, max_new_tokens) -> list:
     from lowbudget_ft.evaluate import generate, parse_label
@@ -290,7 +372,7 @@ def _answers(model, tok, prompts, labels, instruction, template, max_new_tokens)
                                                      max_new_tokens=max_new_tokens)]
 
 def check_merge(merged:str|Path, # a merged model folder
-                adapter:str|Path, # the adapter folder it was merged from
+                adapter, # the adapter folder it was merged from (or its `TrainedBase`)
                 base:str|None=None, # base model; None = the one recorded in the adapter
                 dtype=None, # dtype of the comparison; None = bf16/fp16 on the GPU, float32 on the CPU
                 prompts:list|None=None, # held-out texts to compare on; None = `CHECK_PROMPTS`
@@ -301,7 +383,7 @@ def check_merge(merged:str|Path, # a merged model folder
                 template:str|None=None, # the prompt template used in training (None = chat or default)
                 # "trained": the model as trained (4-bit base + adapter for QLoRA); "original": 16-bit base + adapter
                 against:str="trained",
-                bits:int|None=None, # bits the adapter was trained in; None = as recorded (run_config.yaml), else 16
+                bits:int|None=None, # bits the adapter was trained in; None = as recorded
                 min_agreement:float=MIN_LABEL_AGREEMENT, # share of prompts that must name the same label
                 strict:bool=True, # raise when they disagree (False: report only)
                 max_new_tokens:int=16, # answer length for the label comparison
@@ -309,46 +391,48 @@ def check_merge(merged:str|Path, # a merged model folder
                ) -> MergeReport:
     "Compare a merged model (plain transformers) with the model that was trained; raise if logits or labels differ."
     from lowbudget_ft.core import free_memory
-    adapter, _ = _adapter_dir(adapter)
-    base, tok = _base_and_tokenizer(adapter, base)
-    run = trained_settings(adapter)
-    if bits is not None: run["bits"] = bits
-    instruction = instruction if instruction is not None else run["instruction"]
+    tb = adapter if isinstance(adapter, TrainedBase) else trained_base(adapter, base, bits)
+    tok, instruction = tb.tokenizer, instruction if instruction is not None else tb.instruction
     dtype, prompts = dtype or compute_dtype(), [str(p) for p in (prompts or CHECK_PROMPTS)]
-    name = str(dtype).removeprefix("torch.")
-    fmt = dict(instruction=instruction, template=template)
-    model, what = _reference(adapter, base, run, against, dtype)
+    name, fmt = str(dtype).removeprefix("torch."), dict(instruction=instruction, template=template)
+    model, what = _reference(tb, against, dtype)
     ref = _logits(model, tok, prompts, **fmt)
     ref_labels = _answers(model, tok, prompts, labels, instruction, template, max_new_tokens) if labels else None
     del model; free_memory()
     if tol is None: tol = MERGE_TOL.get(name, 5e-2) * max(1.0, max(float(r.abs().max()) for r in ref))
-    merged_model = _load_16bit(merged, dtype, device)
+    merged_model = _load_merged(merged, dtype, device)
     got = _logits(merged_model, tok, prompts, **fmt)
     agree = None
     if labels: agree = sum(a == b for a, b in zip(ref_labels, _answers(merged_model, tok, prompts, labels, instruction,
                                                                        template, max_new_tokens))) / len(prompts)
     del merged_model; free_memory()
-    notes = [] if run["recorded"] or bits is not None else ["the adapter records no run_config.yaml: assumed it was "
-                                                            "trained on the 16-bit base (pass bits=4 for a QLoRA "
-                                                            "adapter)"]
     rep = MergeReport(None, name, _max_diff(ref, got), tol, len(prompts), what, min_agreement=min_agreement,
-                      label_agreement=agree,
-                      device=str(device or ("cuda" if gpu_info().is_cuda else "cpu")), notes=notes)
+                      label_agreement=agree, device=str(device or ("cuda" if gpu_info().is_cuda else "cpu")),
+                      notes=list(tb.notes))
     if strict and not rep.ok:
         why = (f"max logit difference {rep.max_diff:.3g} > tolerance {tol:g} ({name})" if not rep.logits_ok else
                f"the greedy answers name the same label on only {agree:.1%} of {len(prompts)} prompts (needs "
                f"{min_agreement:.0%})")
         raise ValueError(f"merged model {merged} disagrees with {what}: {why}; do not ship it (merge again from the "
-                         "adapter "
-                         "with into='trained' in float32, or check base= is the model the adapter was trained on).")
+                         "adapter with into='trained' in float32, or check base= is the model the adapter was trained "
+                         "on).")
     return rep
 
 # %% ../nbs/19_export.ipynb #70a0c1b5
-def merge_and_save(adapter_path, # adapter folder (or an in-memory `PeftModel`) to merge
+def _merged_card(folder:Path, tb:TrainedBase, rep:MergeReport):
+    "A model card for the merged model: the base it was merged into, how it was checked, and what was assumed."
+    lines = ["---", f"base_model: {tb.record.name}", "tags:", "- lowbudget_ft", "- merged-lora", "---", "",
+             f"# {tb.record.name} with a merged LoRA adapter", "",
+             f"Merged into {tb.record.describe()}" + ("" if tb.recorded else " (assumed: not recorded by the run)")
+             + f", from {tb.adapter.name}.", "", f"Check: {rep.summary()}", ""]
+    lines += [f"- {n}" for n in rep.notes] + [""]
+    (folder/"README.md").write_text("\n".join(lines))
+
+def merge_and_save(adapter_path, # adapter folder, checkpoint folder or in-memory `PeftModel` (or its `TrainedBase`)
                    out_dir:str|Path, # a new (or empty) folder for the merged model
                    dtype=None, # dtype of the merged weights; None = bf16/fp16 on the GPU, float32 on the CPU
                    overwrite:bool=False, # replace a non-empty `out_dir`
-                   base:str|None=None, # base model; None = the one recorded in the adapter
+                   base:str|None=None, # merge into this base instead of the recorded one (noted in the report)
                    check:bool=True, # reload the merged model and compare it with the trained model
                    prompts:list|None=None, # held-out texts for the check; None = `CHECK_PROMPTS`
                    # absolute tolerance for the check; None = `MERGE_TOL` for the dtype x logit scale
@@ -358,75 +442,60 @@ def merge_and_save(adapter_path, # adapter folder (or an in-memory `PeftModel`) 
                    labels:list|None=None, # the valid labels: the check also compares the labels the greedy answers name
                    instruction:str|None=None, # the instruction used in training; None = the one in run_config.yaml
                    template:str|None=None, # the prompt template used in training (None = chat or default)
-                   # bits the adapter was trained in; None = as recorded (run_config.yaml or the model), else 16
-                   bits:int|None=None,
+                   bits:int|None=None, # override the recorded bits the adapter was trained in
                    gpu:str|None=None, # plan the merge's memory against this card instead of the detected one
                    device:str|None=None, # "cuda" or "cpu" to force where it merges; None = `merge_place` decides
                   ) -> MergeReport:
-    ("Merge a LoRA adapter into its base as training saw it, save it with the tokenizer, and check it against the "
-     "trained model.")
+    ("Merge a LoRA adapter into the base it was trained on, as training saw it; save it with the tokenizer and a "
+     "model card, checked against the trained model: all of it, or nothing.")
     from peft import PeftModel
     from lowbudget_ft.core import free_memory
     if into not in ("trained", "original"): raise ValueError(f"into={into!r}: use 'trained' (the base as training saw "
                                                              "it) or 'original' (its unquantised weights).")
     out = Path(out_dir)
     _check_out_dir(out, overwrite)
-    adapter, tmp_adapter = _adapter_dir(adapter_path)
+    tb = adapter_path if isinstance(adapter_path, TrainedBase) else trained_base(adapter_path, base, bits)
     try:
-        if out.resolve() == adapter.resolve(): raise ValueError(f"out_dir {out} is the adapter folder itself: choose "
-                                                                "a separate folder for the merged model.")
-        run = trained_settings(adapter)
-        if bits is not None: run["bits"] = bits
-        base, tok = _base_and_tokenizer(adapter, base)
-        dtype = dtype or compute_dtype()
-        dq = into == "trained" and run["bits"] < 16
-        place = merge_place(_base_name(base), dtype, run["bits"] if dq else 16, run["double_quant"], gpu)
+        if out.resolve() == tb.adapter.resolve(): raise ValueError(f"out_dir {out} is the adapter folder itself: "
+                                                                   "choose a separate folder for the merged model.")
+        rec, dtype = tb.record, dtype or compute_dtype()
+        dq = into == "trained" and rec.bits < 16
+        place = merge_place(tb.model, dtype, rec.bits if dq else 16, rec.double_quant, gpu)
         device = device or place.device
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-        try:
-            start = _dequantised_base(base, run["bits"], run["double_quant"], dtype,
-                                      device) if dq else _load_16bit(base, dtype, device)
-            model = PeftModel.from_pretrained(start, adapter).merge_and_unload()
-            model.save_pretrained(tmp)
-            tok.save_pretrained(tmp)
-            del model, start; free_memory()
-            name = str(dtype).removeprefix("torch.")
-            if check:
-                rep = check_merge(tmp, adapter, base, dtype, prompts, tol, labels, instruction, template,
-                                  against="trained",
-                                  bits=run["bits"], strict=into == "trained", device=device)
-            else: rep = MergeReport(None, name, float("nan"), float("nan"), 0)
+        with staged(out) as tmp:
+            model = PeftModel.from_pretrained(tb.load("dequantised" if dq else "original", dtype, device),
+                                              tb.adapter).merge_and_unload()
+            model.save_pretrained(tmp); tb.tokenizer.save_pretrained(tmp)
+            del model; free_memory()
+            rep = (check_merge(tmp, tb, dtype=dtype, prompts=prompts, tol=tol, labels=labels, instruction=instruction,
+                               template=template, strict=into == "trained", device=device) if check else
+                   MergeReport(None, str(dtype).removeprefix("torch."), float("nan"), float("nan"), 0,
+                               notes=list(tb.notes)))
             rep.into, rep.device = into, device
-            rep.notes = [str(place)] + ([f"merged into the dequantised {run['bits']}-bit base, as training saw it"]
+            rep.notes = [str(place)] + ([f"merged into the dequantised {rec.bits}-bit base, as training saw it"]
                                         if dq else []) + rep.notes
-            if into == "original" and run["bits"] < 16:
+            if into == "original" and rec.bits < 16:
                 rep.notes.append("into='original': merged into the unquantised base, which the adapter was not "
-                                 f"trained on ({run['bits']}-bit); compare the figures above before shipping it")
-            _publish(tmp, out)
-            rep.path = out
-            return rep
-        finally: shutil.rmtree(tmp, ignore_errors=True)
+                                 f"trained on ({rec.bits}-bit); compare the figures above before shipping it")
+            _merged_card(tmp, tb, rep)
+        rep.path = out
+        return rep
     finally:
-        if tmp_adapter: shutil.rmtree(tmp_adapter, ignore_errors=True)
+        if tb is not adapter_path: tb.close()
 
 # %% ../nbs/19_export.ipynb #a9b64aa5
-def load_adapter(path:str|Path, # a directory written by `save_adapter` / `finetune`
-                 # how to load the base model: 4, 8 or 16; None = as the run did (run_config.yaml), else 4
-                 bits:int|None=None,
+def load_adapter(path:str|Path, # a directory written by `save_adapter` / `finetune` (or a checkpoint folder)
+                 bits:int|None=None, # load the base in these bits instead of the recorded ones
                  base:str|None=None, # base model to use instead of the one recorded in the adapter
                 ):
-    ("Load base model + saved LoRA adapter for inference, the base quantised as in training; returns `(model, "
+    ("Load the base the adapter was trained on, quantised as in training, with the adapter; returns `(model, "
      "tokenizer)`.")
     from peft import PeftModel
-    from lowbudget_ft.loading import load_model
     path = Path(path)
     if not (path/"adapter_config.json").exists(): raise FileNotFoundError(f"{path} holds no adapter "
                                                                           "(adapter_config.json is missing): pass the "
                                                                           "directory finetune() reported as "
                                                                           "adapter_path.")
-    run = trained_settings(path)
-    bits = bits or (run["bits"] if run["recorded"] else 4)
-    base, tok = _base_and_tokenizer(path, base)
-    model, _ = load_model(base, bits=bits, double_quant=run["double_quant"], check_fit=False)
-    return PeftModel.from_pretrained(model, path), tok
+    tb = trained_base(path, base, bits)
+    for n in tb.notes: warnings.warn(n)
+    return PeftModel.from_pretrained(tb.load("trained"), path), tb.tokenizer

@@ -6,13 +6,14 @@
 from __future__ import annotations
 import os, shutil, subprocess, sys, tempfile
 from .export import _check_out_dir
+from .checkpoints import staged
 from dataclasses import dataclass, field
 from pathlib import Path
 from .models import require
 
 # %% auto #0
 __all__ = ['QUANTS', 'CONVERTER_INSTALL', 'RUNNER_INSTALL', 'OllamaTemplate', 'ollama_template', 'modelfile', 'export_gguf',
-           'GGUFCheck', 'verify_gguf']
+           'check_convertible', 'GGUFCheck', 'verify_gguf']
 
 # %% ../nbs/20_gguf.ipynb #35ca6b88
 QUANTS = ("q8_0", "f16", "bf16", "f32")  # the converter's output types that need no calibration
@@ -96,9 +97,10 @@ def _check_model_dir(model_dir:Path):
         raise FileNotFoundError(f"{model_dir} is not a model folder (it needs config.json and *.safetensors): pass "
                                 "the folder written by merge_and_save.")
 
-def _convert(model_dir:Path, outfile:Path, quant:str):
+def _convert(model_dir:Path, outfile:Path, quant:str, vocab_only:bool=False):
     "Run llama.cpp's converter in its own process; one error line with its last message when it fails."
     cmd = [sys.executable, "-m", "convert_hf_to_gguf", str(model_dir), "--outfile", str(outfile), "--outtype", quant]
+    cmd += ["--vocab-only"] * vocab_only
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode == 0 and outfile.exists(): return
     lines = [l for l in (r.stderr + r.stdout).splitlines() if l.strip() and not l.startswith((" ", "Traceback"))]
@@ -121,16 +123,30 @@ def export_gguf(model_dir:str|Path, # a merged model folder (what merge_and_save
     require({"convert_hf_to_gguf": "convert-hf-to-gguf"}, CONVERTER_INSTALL, "GGUF export")
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(model_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
     name = f"model-{quant}.gguf"
-    try:
+    with staged(out_dir) as tmp:  # the .gguf and Modelfile appear together, or not at all
         _convert(model_dir, tmp/name, quant)
         (tmp/"Modelfile").write_text(modelfile(name, tok))
-        if out_dir.is_dir(): out_dir.rmdir()  # empty (checked above)
-        os.replace(tmp, out_dir)
-    finally: shutil.rmtree(tmp, ignore_errors=True)
     return out_dir/name
+
+# %% ../nbs/20_gguf.ipynb #49a9b701
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja")
+
+def check_convertible(config_dir:str|Path, # a folder with the model's config.json (the base model: no merge needed)
+                      tokenizer_dir:str|Path|None=None, # where its tokenizer is (the adapter's); None = `config_dir`
+                     ):
+    ("Refuse, before a merge starts, a model llama.cpp's converter can't take (its tokenizer or architecture): a "
+     "vocabulary-only conversion of its config and tokenizer, a few seconds.")
+    config_dir, tokenizer_dir = Path(config_dir), Path(tokenizer_dir or config_dir)
+    require({"convert_hf_to_gguf": "convert-hf-to-gguf"}, CONVERTER_INSTALL, "GGUF export")
+    with tempfile.TemporaryDirectory(prefix="lbft-vocab-") as d:
+        shutil.copy(config_dir/"config.json", d)
+        for name in _TOKENIZER_FILES:
+            if (tokenizer_dir/name).is_file(): shutil.copy(tokenizer_dir/name, d)
+        try: _convert(Path(d), Path(d)/"vocab.gguf", "f32", vocab_only=True)
+        except RuntimeError as e:  # name the model, not the temporary folder
+            raise RuntimeError(str(e).replace(d, f"{config_dir} (tokenizer: {tokenizer_dir})")) from None
 
 # %% ../nbs/20_gguf.ipynb #bf9aa652
 @dataclass

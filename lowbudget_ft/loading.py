@@ -4,13 +4,15 @@
 
 # %% ../nbs/05_loading.ipynb #58a5923d
 from __future__ import annotations
-import contextlib, os
+import contextlib, json, os
+from dataclasses import dataclass, asdict
 from pathlib import Path
 from .core import gpu_info, compute_dtype, in_ci, in_nbdev_test, quiet_known_noise
 from .models import model_path
 
 # %% auto #0
-__all__ = ['quant_config', 'resolve_model', 'load_tokenizer', 'accelerate_config', 'load_model']
+__all__ = ['BASE_RECORD', 'quant_config', 'resolve_model', 'load_tokenizer', 'accelerate_config', 'load_model',
+           'weights_fingerprint', 'BaseRecord', 'read_base_record', 'base_record']
 
 # %% ../nbs/05_loading.ipynb #2e84b4c8
 def quant_config(bits:int=4, # 4 (NF4), 8 (LLM.int8) or 16 (no quantisation)
@@ -110,3 +112,92 @@ def load_model(name:str|Path, # local model directory or hub id
                                                              None if fsdp else _device_map()), **kwargs)
     _keep_training_layout(model)
     return model, load_tokenizer(name)
+
+# %% ../nbs/05_loading.ipynb #a501fbf2
+BASE_RECORD = "lowbudget_base.json"  # beside an adapter or checkpoint: the base it was trained on
+
+def _safetensors_header(f:Path) -> tuple:
+    "`(header dict, offset of the tensor bytes)` of a safetensors file; one line naming it when it is damaged."
+    import struct
+    try:
+        with open(f, "rb") as fh:
+            n = struct.unpack("<Q", fh.read(8))[0]
+            if n > f.stat().st_size - 8: raise ValueError("its header runs past the end of the file")
+            return json.loads(fh.read(n)), 8 + n
+    except (struct.error, ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{f} is not a readable safetensors file ({str(e)[:80]}): it is truncated or damaged; "
+                         "write or copy it again.") from None
+
+def _weights_folder(name:str|Path) -> Path|None:
+    "The local folder of a model's weights: the folder itself, or the hub cache's copy of a hub id (None: neither)."
+    if Path(name).is_dir(): return Path(name)
+    from huggingface_hub import snapshot_download
+    try: return Path(snapshot_download(str(name), local_files_only=True, allow_patterns=["*.json", "*.safetensors"]))
+    except (OSError, ValueError): return None  # not a hub id, or not in the cache
+
+def weights_fingerprint(folder:str|Path, # a model folder holding *.safetensors (or a hub id in the local cache)
+                        samples:int=16, # chunks of tensor bytes read from each file
+                        chunk:int=4096, # bytes per chunk
+                       ) -> str|None:
+    "A cheap hash of a model's weights: every safetensors header and `samples` chunks of each file; None without any."
+    import hashlib
+    where = _weights_folder(folder)
+    files = sorted(where.glob("*.safetensors")) if where else []
+    if not files: return None
+    h = hashlib.sha256()
+    for f in files:
+        header, start = _safetensors_header(f)
+        header.pop("__metadata__", None)
+        h.update(json.dumps(header, sort_keys=True).encode())  # names, dtypes, shapes, offsets
+        size = f.stat().st_size - start
+        with open(f, "rb") as fh:
+            for i in range(samples):
+                fh.seek(start + size * i // samples); h.update(fh.read(chunk))
+    return h.hexdigest()[:16]
+
+# %% ../nbs/05_loading.ipynb #4df02947
+@dataclass
+class BaseRecord:
+    "The base an adapter was trained on: its name and folder, a fingerprint of its weights, how it was quantised."
+    name: str  # as the run named it ("tiny", a folder, a hub id)
+    path: str  # the folder (or hub id) it was loaded from
+    fingerprint: str|None  # `weights_fingerprint` of its weights; None: no local safetensors (not checked)
+    bits: int = 16  # 4 (NF4), 8 (LLM.int8) or 16
+    double_quant: bool = False  # NF4 double quantisation
+    compute_dtype: str|None = None  # e.g. "float32", "bfloat16"
+    quant_storage: str|None = None  # dtype the 4-bit weights are packed in (FSDP: the compute dtype)
+    def describe(self) -> str:
+        q = {4: f"4-bit NF4{' + double quant' if self.double_quant else ''}", 8: "8-bit LLM.int8"}.get(self.bits,
+                                                                                                   "16-bit")
+        return f"{self.name} ({q}, weights {self.fingerprint or 'not fingerprinted'})"
+    def save(self, folder:str|Path) -> Path:
+        "Write the record into `folder` (atomically)."
+        f = Path(folder)/BASE_RECORD; tmp = f.with_name(f".{f.name}.tmp")
+        tmp.write_text(json.dumps(asdict(self), indent=1)); os.replace(tmp, f)
+        return f
+
+def read_base_record(folder:str|Path, # an adapter or checkpoint folder
+                    ) -> BaseRecord|None:
+    "The record of the base `folder`'s adapter was trained on; None when there is none (an older adapter)."
+    f = Path(folder)/BASE_RECORD
+    if not f.is_file(): return None
+    try: return BaseRecord(**json.loads(f.read_text()))
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{f} is garbled ({str(e)[:60]}): delete it to export with what is assumed, or pass the "
+                         "base explicitly.") from None
+
+def _dtype_name(d) -> str|None: return None if d is None else str(d).removeprefix("torch.")
+
+def base_record(model, # a loaded model, or a `PeftModel` on top of one
+                name:str|None=None, # the name the run used ("tiny"); None = the folder
+               ) -> BaseRecord:
+    "How `model`'s base was loaded: its folder, weights fingerprint and quantisation."
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    path = str(getattr(base.config, "_name_or_path", "") or getattr(base, "name_or_path", ""))
+    q = getattr(base.config, "quantization_config", None)
+    q = (q if isinstance(q, dict) else q.to_dict()) if q is not None else {}
+    bits = 4 if q.get("load_in_4bit") else 8 if q.get("load_in_8bit") else 16
+    return BaseRecord(name or path, path, weights_fingerprint(path) if path else None, bits,
+                      bool(q.get("bnb_4bit_use_double_quant")) if bits == 4 else False,
+                      _dtype_name(q.get("bnb_4bit_compute_dtype") or getattr(base, "dtype", None)),
+                      _dtype_name(q.get("bnb_4bit_quant_storage")) if bits == 4 else None)

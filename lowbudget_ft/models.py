@@ -37,11 +37,17 @@ def is_gguf(path:str|Path) -> bool:
     with open(path, "rb") as f: return f.read(4) == b"GGUF"
 
 def _check_gguf(path:Path):
-    "Refuse a missing file or one that is not a GGUF, naming it."
+    "Refuse a missing file, one that is not a GGUF, or a cut one (its tensors run past its end), naming it."
     if not path.is_file(): raise FileNotFoundError(f"GGUF file {path} not found.")
     if not is_gguf(path):
         raise ValueError(f"{path} is not a GGUF file (it does not start with the bytes 'GGUF'): pass a .gguf model "
                          "file, a model folder, or a hub id.")
+    if importlib.util.find_spec("gguf") is None: return  # (reading it needs gguf: `require` says so)
+    from gguf import GGUFReader
+    try: GGUFReader(path)  # maps every tensor (no full read): a truncated file fails here
+    except (ValueError, OSError, IndexError, KeyError) as e:  # numpy: "cannot reshape array of size ..."
+        raise ValueError(f"{path} can't be read ({str(e)[:80]}): the file is truncated or damaged; copy or download "
+                         "it again.") from None
 
 # %% ../nbs/03_models.ipynb #6439c322
 def convert_gguf(gguf_file:str|Path, # a GGUF model file

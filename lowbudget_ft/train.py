@@ -17,10 +17,10 @@ from .complaints import load_complaints
 from .data import prepare_dataset, split_dataset, read_table, make_collator, _has_chat_template
 from .attention import packed_attention
 from .dashboard import Dashboard
-from .loading import load_model
+from .loading import load_model, base_record
 from .lora import add_lora, checkpointed_layers, recompute_layers
 from .checkpoints import (SaveEveryMinutes, claim_folder, clear_deleted, good_checkpoint, read_mark,
-                                      write_run, _agree)
+                                      write_run, check_resume, _agree)
 
 # %% auto #0
 __all__ = ['MODEL_SETTINGS', 'training_args', 'TrainResult', 'run_record', 'save_adapter', 'TrainingInterrupted', 'finetune',
@@ -234,6 +234,7 @@ def save_adapter(model, # the trained `PeftModel`
     path = Path(path)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
+    base_record(model, cfg.model if cfg is not None else None).save(path)  # the base it trained on: export checks it
     if cfg is not None: save_config(cfg, path/"run_config.yaml")
     return path
 
@@ -407,6 +408,7 @@ def finetune(model, # a `PeftModel` (see `add_lora`)
             ) -> TrainResult:
     "Fine-tune `model` on `train_data` with the live dashboard; saves the adapter to `output_dir/adapter`."
     from transformers import set_seed  # imports torch
+    check_resume(resume, overwrite)
     cfg = _replace(config or RunConfig(), **overrides)
     set_seed(cfg.seed)
     notes = []  # the data's own notes (rows cut to max_seq_len, rows dropped): said on the dashboard
@@ -419,7 +421,7 @@ def finetune(model, # a `PeftModel` (see `add_lora`)
     rec = claim_folder(out, ident, resume=resume, overwrite=overwrite, write=args.should_save)
     ckpt, skipped = _resume_point(out, rec, resume, overwrite)
     if ckpt and _finished(rec, cfg): return _nothing_to_do(out, rec, cfg)
-    if args.should_save: clear_deleted(out)  # what a killed clean-up left
+    if args.should_save: clear_deleted(out); base_record(model, cfg.model).save(out)  # each checkpoint copies it
     trainer = _trainer(model, tokenizer, args, cfg, (train_ds, eval_ds), callbacks, rec, ckpt, plan)
     _tell_start(trainer, out, resume, ckpt, skipped, recomputed, notes)
     reset_peak()
@@ -453,6 +455,7 @@ def train_from_config(cfg:RunConfig, # the run
                       overwrite:bool=False, # replace another run's checkpoints and adapter in `output_dir`
                      ) -> TrainResult:
     "Load the model of `cfg` in its bits, add LoRA, read its data and `finetune`."
+    check_resume(resume, overwrite)
     data = _read_data(cfg)  # before the model loads: a wrong path, sheet or column fails fast
     for name in ("prompt", "response"):
         if getattr(cfg, name) not in data.columns:  # before the model loads
