@@ -1,12 +1,13 @@
 """Saved outputs of the documentation notebooks: regenerate them, and notice when they go stale.
 
-  .venv/bin/python .ci/outputs.py --refresh [NB ...]  execute the notebooks (all of NOTEBOOKS when none is named) in place,
-                                                      as nbdev_test does (cwd = the notebook's folder, same skipped cells),
-                                                      save their outputs, nbdev_clean them, record .ci/outputs.json
-  .venv/bin/python .ci/outputs.py --check             no execution: one line per notebook whose saved outputs are stale
-                                                      (a code cell changed since the refresh) or cannot be refreshed
-                                                      (outputs in a notebook outside NOTEBOOKS); exit 1 if any
-  .venv/bin/python .ci/outputs.py --strip NB ...      remove every saved output of the notebooks named
+  .venv/bin/python .ci/outputs.py --refresh [NB ...]
+      execute the notebooks (all of NOTEBOOKS when none is named) in place, as nbdev_test does (cwd = the notebook's
+      folder, the same cells skipped), save their outputs, nbdev_clean them, record their code cells in .ci/outputs.json
+  .venv/bin/python .ci/outputs.py --check
+      no execution: one line per notebook whose saved outputs are stale (a code cell changed since its refresh) or
+      cannot be refreshed (outputs in a notebook outside NOTEBOOKS); exit 1 if any
+  .venv/bin/python .ci/outputs.py --strip NB ...
+      remove every saved output of the notebooks named
 """
 import copy, datetime, hashlib, json, os, subprocess, sys
 from pathlib import Path
@@ -18,7 +19,11 @@ REFRESH = ".venv/bin/python .ci/outputs.py --refresh"
 NOTEBOOKS = ["nbs/tutorials/complaints_walkthrough.ipynb", "nbs/how_to/excel_data.ipynb",
              "nbs/how_to/longest_context.ipynb", "nbs/how_to/multi_gpu.ipynb", "nbs/how_to/resume.ipynb",
              "nbs/how_to/will_it_fit.ipynb", "nbs/04_memory.ipynb", "nbs/17_evaluate.ipynb", "nbs/20_gguf.ipynb",
-             "nbs/22_real_model.ipynb"]
+             "nbs/22_real_model.ipynb",
+             # API pages whose examples print or draw something
+             "nbs/00_core.ipynb", "nbs/01_complaints.ipynb", "nbs/02_tiny.ipynb", "nbs/05_loading.ipynb",
+             "nbs/06_lora.ipynb", "nbs/07_data.ipynb", "nbs/08_attention.ipynb", "nbs/10_dashboard.ipynb",
+             "nbs/14_train.ipynb", "nbs/19_export.ipynb", "nbs/21_cli.ipynb"]
 
 
 def _nb(rel): return json.loads((ROOT/rel).read_text())
@@ -39,8 +44,8 @@ def stale() -> list:
         nb = _nb(rel)
         if not _has_outputs(nb): continue
         if rel not in NOTEBOOKS:
-            msgs.append(f"{rel}: has saved outputs but is not in NOTEBOOKS of .ci/outputs.py, so nothing refreshes them: "
-                        f"strip them (.venv/bin/python .ci/outputs.py --strip {rel}) or add it to NOTEBOOKS and refresh")
+            msgs.append(f"{rel}: has saved outputs but is not in NOTEBOOKS of .ci/outputs.py, so nothing refreshes "
+                        f"them: run .venv/bin/python .ci/outputs.py --strip {rel} (or add it to NOTEBOOKS and refresh)")
             continue
         old, new, code = rec.get(rel, {}).get("cells"), _hashes(nb), _code(nb)
         if old is None:
@@ -73,6 +78,7 @@ def refresh(rel:str):
     for c in nb.cells:
         if c.cell_type == "code": c.outputs, c.execution_count = [], None
     os.environ["IN_TEST"] = "1"  # as under nbdev_test: no transformers progress bars, no sample files rewritten
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # "Loading weights" bars of the test cells' own loads
     k = CaptureShell(path, mpl_format="png")  # png at the figure's own dpi (retina doubles the bytes)
     with working_directory(path.parent):
         try: k.run_all(nb, exc_stop=True, preproc=lambda c: _skip(c, flags))
@@ -82,7 +88,8 @@ def refresh(rel:str):
     for i, c in _code(_nb(rel)):
         for o in c.get("outputs", []):
             if o.get("output_type") == "error" or o.get("name") == "stderr":
-                print(f"  note: {rel} cell {i + 1} shows {o.get('name') or 'an error'}: {_src(o.get('text', ''))[:200]!r}")
+                text = "".join(o.get("text", "") or o.get("traceback", ""))
+                print(f"  note: {rel} cell {i + 1} shows {o.get('name') or 'an error'}: {text[:200]!r}")
 
 
 def record(rels):
