@@ -9,7 +9,7 @@
   .venv/bin/python .ci/outputs.py --strip NB ...
       remove every saved output of the notebooks named
 """
-import copy, datetime, hashlib, json, os, subprocess, sys
+import copy, datetime, hashlib, json, os, re, subprocess, sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -65,6 +65,19 @@ def _skip(cell, flags) -> bool:
     return d.get("eval:", [""])[0].lower() == "false" or bool(flags & d.keys())
 
 
+_BAR = re.compile(r"[^\r\n]*\d+%\|[^|]*\| *\d+/\d+ \[[^\]]*\]")  # a tqdm frame: "Loading weights: 100%|###| 21/21 [..]"
+
+def _drop_progress_bars(cell):
+    "Drop tqdm progress bars (transformers' 'Loading weights', 'Writing model shards') from stderr: noise on a page."
+    if cell.cell_type != "code": return
+    for o in cell.get("outputs", []):
+        if o.get("output_type") == "stream" and o.get("name") == "stderr":
+            lines = "".join(o.text).split("\n")
+            o.text = "\n".join(l for l in lines if not all(_BAR.fullmatch(f) for f in l.split("\r") if f.strip())
+                               or not l.strip())
+    cell.outputs = [o for o in cell.get("outputs", []) if o.get("name") != "stderr" or "".join(o.text).strip()]
+
+
 def refresh(rel:str):
     "Execute `rel` in place like nbdev_test (in its folder, its flagged cells skipped), then nbdev_clean it."
     from execnb.nbio import read_nb, write_nb
@@ -78,11 +91,11 @@ def refresh(rel:str):
     for c in nb.cells:
         if c.cell_type == "code": c.outputs, c.execution_count = [], None
     os.environ["IN_TEST"] = "1"  # as under nbdev_test: no transformers progress bars, no sample files rewritten
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # "Loading weights" bars of the test cells' own loads
     k = CaptureShell(path, mpl_format="png")  # png at the figure's own dpi (retina doubles the bytes)
     with working_directory(path.parent):
         try: k.run_all(nb, exc_stop=True, preproc=lambda c: _skip(c, flags))
         except BaseException: sys.exit(f"{rel}: refresh failed, notebook left as it was:\n{k.prettytb(fname=rel)}")
+    for c in nb.cells: _drop_progress_bars(c)
     write_nb(nb, path)
     nbdev_clean(str(path))
     for i, c in _code(_nb(rel)):
