@@ -53,7 +53,7 @@ def stale() -> list:
         elif old != new:
             k = next((k for k, (a, b) in enumerate(zip(old, new)) if a != b), min(len(old), len(new)))
             n = code[k][0] + 1 if k < len(code) else len(nb["cells"])
-            msgs.append(f"{rel}: cell {n} changed after its outputs were made: run {REFRESH} {rel}")
+            msgs.append(f"{rel}: cell {n} changed after its outputs were made: run {REFRESH} {rel}")  # n counts all cells from 1
     return msgs
 
 
@@ -90,7 +90,7 @@ def refresh(rel:str):
     nb = read_nb(path)
     for c in nb.cells:
         if c.cell_type == "code": c.outputs, c.execution_count = [], None
-    os.environ["IN_TEST"] = "1"  # as under nbdev_test: no transformers progress bars, no sample files rewritten
+    os.environ["IN_TEST"] = "1"  # as under nbdev_test: load_model hides its progress bars, no sample files rewritten
     k = CaptureShell(path, mpl_format="png")  # png at the figure's own dpi (retina doubles the bytes)
     with working_directory(path.parent):
         try: k.run_all(nb, exc_stop=True, preproc=lambda c: _skip(c, flags))
