@@ -53,7 +53,8 @@ def stale() -> list:
         elif old != new:
             k = next((k for k, (a, b) in enumerate(zip(old, new)) if a != b), min(len(old), len(new)))
             n = code[k][0] + 1 if k < len(code) else len(nb["cells"])
-            msgs.append(f"{rel}: cell {n} changed after its outputs were made: run {REFRESH} {rel}")  # n counts all cells from 1
+            # n counts all cells from 1, as nbdev_test's "While Executing Cell #n"
+            msgs.append(f"{rel}: cell {n} changed after its outputs were made: run {REFRESH} {rel}")
     return msgs
 
 
