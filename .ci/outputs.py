@@ -18,12 +18,12 @@ REFRESH = ".venv/bin/python .ci/outputs.py --refresh"
 # the pages whose outputs are kept and regenerated; any other notebook must have no saved outputs
 NOTEBOOKS = ["nbs/tutorials/complaints_walkthrough.ipynb", "nbs/how_to/excel_data.ipynb",
              "nbs/how_to/longest_context.ipynb", "nbs/how_to/multi_gpu.ipynb", "nbs/how_to/resume.ipynb",
-             "nbs/how_to/will_it_fit.ipynb", "nbs/04_memory.ipynb", "nbs/17_evaluate.ipynb", "nbs/20_gguf.ipynb",
-             "nbs/22_real_model.ipynb",
+             "nbs/how_to/will_it_fit.ipynb", "nbs/06_memory.ipynb", "nbs/21_evaluate.ipynb", "nbs/24_gguf.ipynb",
+             "nbs/26_real_model.ipynb",
              # API pages whose examples print or draw something
-             "nbs/00_core.ipynb", "nbs/01_complaints.ipynb", "nbs/02_tiny.ipynb", "nbs/05_loading.ipynb",
-             "nbs/06_lora.ipynb", "nbs/07_data.ipynb", "nbs/08_attention.ipynb", "nbs/10_dashboard.ipynb",
-             "nbs/14_train.ipynb", "nbs/19_export.ipynb", "nbs/21_cli.ipynb"]
+             "nbs/00_core.ipynb", "nbs/02_complaints.ipynb", "nbs/03_tiny.ipynb", "nbs/07_loading.ipynb",
+             "nbs/08_lora.ipynb", "nbs/11_data.ipynb", "nbs/12_attention.ipynb", "nbs/14_dashboard.ipynb",
+             "nbs/18_train.ipynb", "nbs/23_export.ipynb", "nbs/25_cli.ipynb"]
 
 
 def _nb(rel): return json.loads((ROOT/rel).read_text())

@@ -2,7 +2,7 @@
 
 Checks that running the 4-bit model in eval mode (generate) before training does not change how it trains: on CPUs
 with AVX512-BF16, bitsandbytes would repack the 4-bit weights for inference and training would inherit that layout
-(see 05_loading, "The training layout stays on the CPU"); `load_model` switches the repacking off.
+(see 07_loading, "The training layout stays on the CPU"); `load_model` switches the repacking off.
 
 Run:  OMP_NUM_THREADS=1 .venv/bin/python nbs/benchmarks/eval_before_training.py [--seed 0]
 Prints the held-out accuracy before and after 200 steps; compare with `lowbudget-ft demo --seed N`.

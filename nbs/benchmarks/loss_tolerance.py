@@ -1,4 +1,4 @@
-"""Measured spread behind the tolerances of nbs/12_loss.ipynb: answer_loss vs the model's full-logits loss.
+"""Measured spread behind the tolerances of nbs/16_loss.ipynb: answer_loss vs the model's full-logits loss.
 
 For each model, batch and setting it prints the relative loss difference and the largest gradient difference as a
 share of that tensor's largest entry, then the worst of each.

@@ -12,25 +12,25 @@ NBS = Path(__file__).resolve().parents[1]
 
 # module: (notebook, the line as it is, the line broken)
 MUTANTS = {
-    "checkpoints": ("11_checkpoints", "    for p in old[:max(len(old) - (keep or len(old)), 0)]: discard(p)",
+    "checkpoints": ("15_checkpoints", "    for p in old[:max(len(old) - (keep or len(old)), 0)]: discard(p)",
                     "    for p in old[:max(len(old) - (keep or len(old)) - 1, 0)]: discard(p)"),
-    "loss": ("12_loss", "    keep[:, :-1] = labels[:, 1:] != -100", "    keep[:, :-1] = labels[:, :-1] != -100"),
-    "trainer": ("13_trainer", '    if not math.isfinite(loss): self._stop("loss", loss)', "    pass"),
-    "measure": ("15_measure", "labels=ids.clone() if answer_tokens is None else answer_labels(ids, answer_tokens))",
+    "loss": ("16_loss", "    keep[:, :-1] = labels[:, 1:] != -100", "    keep[:, :-1] = labels[:, :-1] != -100"),
+    "trainer": ("17_trainer", '    if not math.isfinite(loss): self._stop("loss", loss)', "    pass"),
+    "measure": ("19_measure", "labels=ids.clone() if answer_tokens is None else answer_labels(ids, answer_tokens))",
                 "labels=ids.clone())"),
-    "memory": ("04_memory", '"adamw_torch_fused": (2, 4)', '"adamw_torch_fused": (1, 1)'),
-    "baseline": ("18_baseline", '    keep = [_normalise(t) not in seen for t in _texts(te, prompt, "prompt")]',
+    "memory": ("06_memory", '"adamw_torch_fused": (2, 4)', '"adamw_torch_fused": (1, 1)'),
+    "baseline": ("22_baseline", '    keep = [_normalise(t) not in seen for t in _texts(te, prompt, "prompt")]',
                  '    keep = [t not in seen for t in _texts(te, prompt, "prompt")]'),
-    "scoring": ("16_scoring", "    return 1 - sum(lengths) / padded if padded else 0.0", "    return sum(lengths) / padded if padded else 0.0"),
-    "models": ("03_models", '    with open(path, "rb") as f: return f.read(4) == b"GGUF"',
+    "scoring": ("20_scoring", "    return 1 - sum(lengths) / padded if padded else 0.0", "    return sum(lengths) / padded if padded else 0.0"),
+    "models": ("04_models", '    with open(path, "rb") as f: return f.read(4) == b"GGUF"',
                '    with open(path, "rb") as f: return f.read(3) == b"GGU"'),
-    "lora": ("06_lora", "lora_alpha=alpha or 2 * rank,", "lora_alpha=2 * rank,"),
-    "train": ("14_train", "        if name in MODEL_SETTINGS and v != getattr(trained, name):",
+    "lora": ("08_lora", "lora_alpha=alpha or 2 * rank,", "lora_alpha=2 * rank,"),
+    "train": ("18_train", "        if name in MODEL_SETTINGS and v != getattr(trained, name):",
               "        if name in MODEL_SETTINGS and False:"),
-    "config": ("09_config", '    if not c.lr > 0: raise SettingError("lr", c.lr, "must be positive, e.g. 2e-4")',
+    "config": ("13_config", '    if not c.lr > 0: raise SettingError("lr", c.lr, "must be positive, e.g. 2e-4")',
                '    pass'),
-    "loading": ("05_loading", "bnb_4bit_use_double_quant=double_quant,", "bnb_4bit_use_double_quant=True,"),
-    "tiny": ("02_tiny", "json.dumps([_FORMAT, seed, TINY_CONFIG", "json.dumps([_FORMAT, 0, TINY_CONFIG"),
+    "loading": ("07_loading", "bnb_4bit_use_double_quant=double_quant,", "bnb_4bit_use_double_quant=True,"),
+    "tiny": ("03_tiny", "json.dumps([_FORMAT, seed, TINY_CONFIG", "json.dumps([_FORMAT, 0, TINY_CONFIG"),
 }
 
 def mutant(module:str, nb:str, old:str, new:str) -> dict:
